@@ -1,0 +1,170 @@
+"""`splitlm export`: load a model, cut it, write a client bundle atomically.
+
+    load_model(path)  ->  ClientGraphs (head with LoRA inputs)  ->  fp32 ONNX in a staging dir
+      ->  quantize each graph  ->  tokenizer + lora_init.npz + manifest.json  ->  rename into place
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitlm import __version__
+from splitlm.errors import ExportError
+from splitlm.manifest import (LABEL_PLACEMENTS, LORA_INIT, MANIFEST, QUANT_PRESETS, LoRAInfo,
+                              Manifest, ModelInfo, model_folder_hash, sha256_file)
+
+from .arch import DEFAULT_TARGETS, Arch, family_of
+from .graphs import OPSET, ClientGraphs, export_client_graphs
+from .lora import LoRAInputs, LoRASpec
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    cut: int
+    quant: str = "q4"
+    labels: str = "server"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] | None = None  # None: the family's default
+    lora_seed: int = 0
+    max_length: int = 2048
+
+
+def resolve_model_path(model: str) -> Path:
+    if model == "default":
+        from .default_model import default_model_dir
+        return default_model_dir()
+    path = Path(model)
+    if not path.is_dir():
+        raise ExportError(f"no such model folder: {model}")
+    if not (path / "config.json").is_file():
+        raise ExportError(f"{model} is not a Hugging Face model folder: no config.json")
+    return path
+
+
+def load_config(path: Path):
+    """The model's config, checked to be a supported causal LM before any weight is read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: cannot read config.json ({e})") from e
+    family_of(config.model_type)  # unsupported or non-causal architectures stop here
+    return config
+
+
+def load_model(model: str) -> tuple[torch.nn.Module, Path]:
+    """A supported causal LM in fp32 eval mode, frozen. Raises ExportError otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    load_config(path)
+    loaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    return loaded.eval().requires_grad_(False), path
+
+
+def check_options(opts: ExportOptions, num_layers: int) -> None:
+    if opts.quant not in QUANT_PRESETS:
+        raise ExportError(f"unknown quant preset {opts.quant!r}: choose from {', '.join(QUANT_PRESETS)}")
+    if opts.labels not in LABEL_PLACEMENTS:
+        raise ExportError(f"--labels must be one of {', '.join(LABEL_PLACEMENTS)}, got {opts.labels!r}")
+    if not 1 <= opts.cut <= num_layers - 1:
+        raise ExportError(f"--cut must be in 1..{num_layers - 1} for this {num_layers}-layer model, got {opts.cut}")
+    if opts.lora_rank < 1 or opts.max_length < 3:
+        raise ExportError(f"--lora-rank must be >= 1 and --max-length >= 3, got {opts.lora_rank} and {opts.max_length}")
+
+
+def client_graphs(model: torch.nn.Module, opts: ExportOptions) -> ClientGraphs:
+    arch = Arch.of(model)
+    targets = opts.lora_targets or DEFAULT_TARGETS[arch.family]
+    spec = LoRASpec(opts.lora_rank, opts.lora_alpha, tuple(targets))
+    lora = LoRAInputs(model, arch.target_modules(range(opts.cut), spec.targets), spec)
+    return ClientGraphs(arch, opts.cut, lora)
+
+
+def write_tokenizer(model_path: Path, out: Path) -> int:
+    """Copy the fast tokenizer; return the pad token id the device pads with."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise ExportError(f"{model_path}: no usable tokenizer ({e})") from e
+    if not tokenizer.is_fast:
+        raise ExportError(f"{model_path}: the edge needs a fast tokenizer (tokenizer.json)")
+    tokenizer.save_pretrained(out)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def export_bundle(model: str, out: str | Path, opts: ExportOptions, *, log=print) -> Manifest:
+    """Write a complete bundle to `out`, or nothing at all."""
+    out = Path(out)
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not a bundle: refusing to overwrite it")
+    t0 = time.perf_counter()
+    check_options(opts, load_config(resolve_model_path(model)).num_hidden_layers)
+    loaded, path = load_model(model)
+    graphs = client_graphs(loaded, opts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        manifest = _write(staging, graphs, loaded, path, opts, log=log)
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
+    return manifest
+
+
+def _write(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: ExportOptions, *, log) -> Manifest:
+    fp32 = staging / "fp32"
+    fp32.mkdir()
+    files = export_client_graphs(graphs, fp32, with_tail=opts.labels == "device", max_seq=opts.max_length)
+    for name in files:
+        if opts.quant == "fp32":
+            (fp32 / name).rename(staging / name)
+        else:
+            from .quantize import quantize_graph
+            quantize_graph(fp32 / name, staging / name, preset=opts.quant)
+        log(f"  {name:15s} {opts.quant:5s} {(staging / name).stat().st_size / 1e6:8.1f} MB")
+    shutil.rmtree(fp32)
+    pad = write_tokenizer(path, staging)
+    np.savez(staging / LORA_INIT, **graphs.lora.init(opts.lora_seed))
+    manifest = _manifest(staging, graphs, loaded, path, opts, pad)
+    (staging / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
+def _manifest(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: ExportOptions, pad: int) -> Manifest:
+    cfg = loaded.config
+    info = ModelInfo(name=path.name, architecture=cfg.model_type, family=graphs.arch.family,
+                     hash=model_folder_hash(path), num_layers=cfg.num_hidden_layers,
+                     hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
+    spec = graphs.lora.spec
+    lora = LoRAInfo(rank=spec.rank, alpha=spec.alpha, targets=spec.targets, seed=opts.lora_seed,
+                    tensors=dict(graphs.lora.shapes))
+    files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    return Manifest(model=info, cut=opts.cut, quant=opts.quant, labels=opts.labels,
+                    max_length=opts.max_length, opset=OPSET, lora=lora, files=files,
+                    pad_token_id=pad, splitlm_version=__version__)
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Move the finished bundle into place; an older bundle at `out` goes only after that."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""The three client graphs as PyTorch functions, and their path to ONNX.
+
+    head(input_ids, attention_mask, *loras)            -> hidden_K               (B, T, H)
+    head_grad(input_ids, attention_mask, grad_hidden, *loras) -> dL/d(each lora)
+    tail(hidden_N, labels, attention_mask)             -> loss, dL/dhidden_N
+
+`torch.autograd.grad` inside a module's forward does not export (torch.export errors, or bakes
+the LoRA inputs in as constants). What works: trace the joint forward+backward function with
+`make_fx` into plain aten ops, `torch.export` that graph with dynamic batch and sequence, then
+`torch.onnx.export` it. The same path serves all three graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch._decomp import core_aten_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .arch import Arch
+from .lora import LoRAInputs
+
+IGNORE_INDEX = -100
+OPSET = 18
+MIN_TAIL_SEQ = 3  # the shifted loss needs two predicted positions to trace a dynamic length
+MAX_BATCH = 256  # upper bounds torch.export needs for the symbolic dims
+HEAD_INPUTS = ("input_ids", "attention_mask")
+TAIL_INPUTS = ("hidden", "labels", "attention_mask")
+
+
+@dataclass
+class ClientGraphs:
+    """The client-side functions of one cut model with LoRA inputs on its head."""
+
+    arch: Arch
+    cut: int
+    lora: LoRAInputs
+
+    def head(self, input_ids, attention_mask, *loras):
+        with self.lora.bind(dict(zip(self.lora.names, loras))):
+            h = self.arch.embed(input_ids)  # (B, T, H)
+            return self.arch.run_blocks(h, attention_mask, 0, self.cut)  # (B, T, H)
+
+    def head_grad(self, input_ids, attention_mask, grad_hidden, *loras):
+        loras = [t.detach().requires_grad_(True) for t in loras]
+        with torch.enable_grad():
+            h = self.head(input_ids, attention_mask, *loras)
+            return tuple(torch.autograd.grad(h, loras, grad_hidden))
+
+    def tail(self, hidden, labels, attention_mask):
+        hidden = hidden.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = causal_lm_loss(self.arch.logits(hidden), labels, attention_mask)
+            (grad,) = torch.autograd.grad(loss, [hidden])
+        return loss, grad
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is kept (not -100, mask 1).
+
+    Labels are aligned with input_ids (as in Hugging Face): logits[:, t] predicts labels[:, t+1].
+    """
+    labels = torch.where(attention_mask.bool(), labels, torch.full_like(labels, IGNORE_INDEX))
+    logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return per_token / count
+
+
+def trace_to_onnx(fn: Callable, args: tuple, *, input_names: list[str], output_names: list[str],
+                  n_dynamic: int, max_seq: int, path: Path, min_seq: int = 2) -> None:
+    """make_fx -> torch.export -> ONNX. The first `n_dynamic` args have dims (batch, seq, ...)."""
+    gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=core_aten_decompositions(),
+                 _allow_non_fake_inputs=True)(*args)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    seq = torch.export.Dim("seq", min=min_seq, max=max_seq)
+    dynamic = tuple({0: batch, 1: seq} if i < n_dynamic else None for i in range(len(args)))
+    program = torch.export.export(gm, args, dynamic_shapes=dynamic)
+    torch.onnx.export(program, args, str(path), input_names=input_names, output_names=output_names,
+                      opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
+                      external_data=False)
+
+
+def example_inputs(vocab: int, hidden: int, *, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
+    """Tracing inputs; batch >= 2 and a padded row so no dim gets specialised to a constant."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    mask[-1, seq // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone(),
+            "hidden": torch.randn(batch, seq, hidden, generator=gen)}
+
+
+def export_client_graphs(graphs: ClientGraphs, out: Path, *, with_tail: bool, max_seq: int) -> list[str]:
+    """Write head.onnx, head_grad.onnx (and tail.onnx) into `out`; return the file names."""
+    cfg = graphs.arch.model.config
+    ex = example_inputs(cfg.vocab_size, cfg.hidden_size)
+    names = graphs.lora.names
+    # LoRA tensors for tracing: nonzero B so no branch of the gradient folds away.
+    loras = [torch.randn(graphs.lora.shapes[n]) * 0.01 for n in names]
+    ids, mask, hidden = ex["input_ids"], ex["attention_mask"], ex["hidden"]
+    trace_to_onnx(graphs.head, (ids, mask, *loras), input_names=[*HEAD_INPUTS, *names],
+                  output_names=["hidden"], n_dynamic=2, max_seq=max_seq, path=out / "head.onnx")
+    trace_to_onnx(graphs.head_grad, (ids, mask, hidden, *loras),
+                  input_names=[*HEAD_INPUTS, "grad_hidden", *names],
+                  output_names=[f"grad.{n}" for n in names], n_dynamic=3, max_seq=max_seq,
+                  path=out / "head_grad.onnx")
+    files = ["head.onnx", "head_grad.onnx"]
+    if with_tail:
+        trace_to_onnx(graphs.tail, (hidden, ex["labels"], mask), input_names=list(TAIL_INPUTS),
+                      output_names=["loss", "grad_hidden"], n_dynamic=3, max_seq=max_seq,
+                      path=out / "tail.onnx", min_seq=MIN_TAIL_SEQ)
+        files.append("tail.onnx")
+    return files

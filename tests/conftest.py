@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny randomly initialised Hugging Face model folders built in code.
+
+Each folder is what a user would hand to `splitlm export`: config.json, safetensors weights and a
+fast tokenizer (a byte-level BPE trained here on a few sentences).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "A lighthouse keeper wrote the weather into his notebook every evening.",
+    "Split learning keeps private text on the device and sends only activations.",
+    "Gradients come back from the server and update the adapters on the device.",
+    "Numbers such as 12, 345 and 6789 appear in the text too.",
+]
+VOCAB = 320
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXT * 4, vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.save_pretrained(out)
+    return tok
+
+
+def build_tiny_model(family: str, out: Path, *, layers: int = 4, seed: int = 0) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=512)
+        model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(out)
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return build_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny_model(request, tiny_llama, tiny_gpt2) -> Path:
+    return {"llama": tiny_llama, "gpt2": tiny_gpt2}[request.param]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """`splitlm ARGS` as a real subprocess."""
+    return subprocess.run([sys.executable, "-m", "splitlm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real default model folder (materialized from the GGUF on first use)."""
+    from splitlm.export.default_model import default_model_dir
+
+    return default_model_dir()
