@@ -90,8 +90,8 @@ def client_graphs(model: torch.nn.Module, opts: ExportOptions) -> ClientGraphs:
     return ClientGraphs(arch, opts.cut, lora)
 
 
-def write_tokenizer(model_path: Path, out: Path) -> int:
-    """Copy the fast tokenizer; return the pad token id the device pads with."""
+def write_tokenizer(model_path: Path, out: Path) -> tuple[int, int]:
+    """Copy the fast tokenizer; return the (pad, eos) token ids the device uses."""
     from transformers import AutoTokenizer
 
     try:
@@ -101,8 +101,9 @@ def write_tokenizer(model_path: Path, out: Path) -> int:
     if not tokenizer.is_fast:
         raise ExportError(f"{model_path}: the edge needs a fast tokenizer (tokenizer.json)")
     tokenizer.save_pretrained(out)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(pad), int(eos)
 
 
 def export_bundle(model: str, out: str | Path, opts: ExportOptions, *, log=print) -> Manifest:
@@ -138,14 +139,15 @@ def _write(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: Export
             quantize_graph(fp32 / name, staging / name, preset=opts.quant)
         log(f"  {name:15s} {opts.quant:5s} {(staging / name).stat().st_size / 1e6:8.1f} MB")
     shutil.rmtree(fp32)
-    pad = write_tokenizer(path, staging)
+    pad_eos = write_tokenizer(path, staging)
     np.savez(staging / LORA_INIT, **graphs.lora.init(opts.lora_seed))
-    manifest = _manifest(staging, graphs, loaded, path, opts, pad)
+    manifest = _manifest(staging, graphs, loaded, path, opts, pad_eos)
     (staging / MANIFEST).write_text(manifest.to_json())
     return manifest
 
 
-def _manifest(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: ExportOptions, pad: int) -> Manifest:
+def _manifest(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: ExportOptions,
+              pad_eos: tuple[int, int]) -> Manifest:
     cfg = loaded.config
     info = ModelInfo(name=path.name, architecture=cfg.model_type, family=graphs.arch.family,
                      hash=model_folder_hash(path), num_layers=cfg.num_hidden_layers,
@@ -156,7 +158,7 @@ def _manifest(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: Exp
     files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
     return Manifest(model=info, cut=opts.cut, quant=opts.quant, labels=opts.labels,
                     max_length=opts.max_length, opset=OPSET, lora=lora, files=files,
-                    pad_token_id=pad, splitlm_version=__version__)
+                    pad_token_id=pad_eos[0], eos_token_id=pad_eos[1], splitlm_version=__version__)
 
 
 def _replace(staging: Path, out: Path) -> None:

@@ -41,6 +41,42 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from splitlm.cloud_server.body import Body, BodyConfig
+    from splitlm.cloud_server.server import ServeConfig, SplitServer, serve_until_stopped
+
+    body = Body(BodyConfig(model=args.model, cut=args.cut, labels=args.labels, lora_rank=args.lora_rank,
+                           lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
+                           lr=args.lr, full=args.full, seed=args.seed))
+    cfg = ServeConfig(host=args.host, port=args.port, steps_per_round=args.steps_per_round, codec=args.wire,
+                      max_clients=args.max_clients, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                      round_deadline_s=args.round_deadline, out=Path(args.out) if args.out else None)
+    asyncio.run(serve_until_stopped(SplitServer(body, cfg, log=lambda line: print(line, flush=True))))
+
+
+def _cmd_edge(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from splitlm.edge_client.client import EdgeClient, EdgeConfig
+
+    cfg = EdgeConfig(url=args.url, bundle=Path(args.bundle), data=Path(args.data), steps=args.steps,
+                     epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                     seed=args.seed, client_id=args.client_id, threads=args.threads,
+                     metrics_out=Path(args.metrics_out) if args.metrics_out else None)
+    summary = asyncio.run(EdgeClient(cfg).run())
+    print(f"{args.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in summary.items()))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from splitlm.demo import DemoConfig, default_workdir, run_demo
+
+    run_demo(DemoConfig(workdir=Path(args.workdir) if args.workdir else default_workdir(),
+                        steps=args.steps, clients=args.clients))
+
+
 def _read_text(path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -69,6 +105,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=2048, help="longest sequence the graphs accept")
     p.add_argument("--eval-text", help="a text file: report perplexity of the model vs this bundle's head")
     p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("serve", help="host the body (blocks K..N) for edge clients")
+    p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
+    p.add_argument("--cut", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed at start)")
+    p.add_argument("--labels", default="server", choices=LABEL_PLACEMENTS)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", nargs="+")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--full", action="store_true", help="train every body parameter instead of LoRA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the body's LoRA init")
+    p.add_argument("--steps-per-round", type=int, default=10)
+    p.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for late clients")
+    p.add_argument("--wire", default="f16", choices=("f32", "f16", "q8"), help="float codec on the wire")
+    p.add_argument("--max-clients", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--out", help="folder for per-round adapters and metrics")
+    p.set_defaults(run=_cmd_serve)
+
+    p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)")
+    p.add_argument("url", help="ws://HOST:PORT")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True, help=".txt, or .jsonl of {text} or {prompt, completion}")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=int)
+    group.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order")
+    p.add_argument("--client-id", default="edge")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    p.add_argument("--metrics-out", help="one JSON object per step")
+    p.set_defaults(run=_cmd_edge)
+
+    p = sub.add_parser("demo", help="default model, a q4 bundle, a server and two edge clients on 127.0.0.1")
+    p.add_argument("--steps", type=int, default=20, help="steps per client")
+    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--workdir", help="where data, logs and results go (default ./splitlm-demo)")
+    p.set_defaults(run=_cmd_demo)
     return parser
 
 

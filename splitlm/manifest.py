@@ -64,6 +64,7 @@ class Manifest:
     lora: LoRAInfo
     files: dict[str, str]        # file name -> sha256
     pad_token_id: int
+    eos_token_id: int            # appended after each example when the edge packs text
     format: int = FORMAT_VERSION
     splitlm_version: str = ""
     wire: dict[str, str] = field(default_factory=lambda: {"codec": "f16"})

@@ -80,3 +80,41 @@ def smollm2() -> Path:
     from splitlm.export.default_model import default_model_dir
 
     return default_model_dir()
+
+
+class ServerProcess:
+    """`splitlm serve ... --port 0` as a real subprocess; `.url` once it listens; `.lines` its log."""
+
+    def __init__(self, *args: str, timeout: float = 120):
+        import re
+        import threading
+        import time
+
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitlm.cli", "serve", *args, "--port", "0"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        self.url = None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = re.search(r"listening on (ws://\S+)", line)
+            if match:
+                self.url = match.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.url is None:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=60)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+def edge_cmd(url: str, bundle, data, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "splitlm.cli", "edge", url, "--bundle", str(bundle), "--data", str(data), *extra]

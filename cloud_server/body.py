@@ -1,0 +1,143 @@
+"""The body the server hosts: blocks K..N (+ final norm and LM head), LoRA through PEFT.
+
+The PEFT model covers the WHOLE model (LoRA on the targets of every block), but the server only
+trains the body's adapters; the head's adapters are the clients' average, copied in at each
+round end. So `save_adapter` writes one standard PEFT adapter for the whole model.
+
+A step, labels at the server:        h_K -> body -> loss -> backward -> AdamW -> dL/dh_K
+A step, labels on the device (U):    h_K -> body -> h_N ... dL/dh_N -> backward -> AdamW -> dL/dh_K
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitlm.errors import BundleMismatch
+from splitlm.export.arch import DEFAULT_TARGETS, Arch
+from splitlm.export.bundle import load_model
+from splitlm.export.graphs import causal_lm_loss
+from splitlm.manifest import model_folder_hash
+from splitlm.protocol import Hello
+
+_PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])\.default\.weight$")
+
+
+@dataclass(frozen=True)
+class BodyConfig:
+    model: str                      # HF folder or "default"
+    cut: int
+    labels: str = "server"          # "server" or "device"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] | None = None
+    lr: float = 1e-3                # AdamW, betas (0.9, 0.999), eps 1e-8, no weight decay
+    full: bool = False              # train every body parameter instead of LoRA
+    seed: int = 0                   # body LoRA init
+
+
+@dataclass
+class PendingStep:
+    """A U-shape step between `forward_u` and `backward_u`."""
+    h_k: torch.Tensor   # (B, T, H), requires grad
+    h_n: torch.Tensor   # (B, T, H)
+
+
+class Body:
+    def __init__(self, cfg: BodyConfig):
+        from peft import LoraConfig, get_peft_model
+
+        model, path = load_model(cfg.model)
+        self.cfg, self.path = cfg, path
+        self.model_hash = model_folder_hash(path)
+        family = Arch.of(model).family
+        self.targets = tuple(cfg.lora_targets or DEFAULT_TARGETS[family])
+        self.num_layers = model.config.num_hidden_layers
+        self.hidden_size = model.config.hidden_size
+        torch.manual_seed(cfg.seed)
+        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                 target_modules=list(self.targets), fan_in_fan_out=family == "gpt2")
+        self.peft = get_peft_model(model, peft_config)
+        self.arch = Arch.of(self.peft.base_model.model)
+        self.optimizer = torch.optim.AdamW(self._trainable(), lr=cfg.lr, weight_decay=0.0)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        if self.cfg.full:
+            self.peft.requires_grad_(False)
+            params = [*self.arch.blocks[self.cfg.cut:].parameters(), *self.arch.final_norm.parameters()]
+        else:
+            params = [p for name, p in self.peft.named_parameters()
+                      if "lora_" in name and self._layer_of(name) >= self.cfg.cut]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def _layer_of(self, name: str) -> int:
+        match = re.search(rf"{re.escape(self.arch.block_prefix)}\.(\d+)\.", name)
+        return int(match.group(1)) if match else -1
+
+    def check_hello(self, hello: Hello) -> None:
+        """Refuse a client whose bundle is not the model, cut, labels and LoRA spec served here."""
+        want = {"model_hash": self.model_hash, "cut": self.cfg.cut, "labels": self.cfg.labels,
+                "lora_rank": self.cfg.lora_rank, "lora_alpha": float(self.cfg.lora_alpha),
+                "lora_targets": self.targets}
+        got = {"model_hash": hello.model_hash, "cut": hello.cut, "labels": hello.labels,
+               "lora_rank": hello.lora_rank, "lora_alpha": float(hello.lora_alpha),
+               "lora_targets": tuple(hello.lora_targets)}
+        wrong = [f"{k}: server serves {want[k]!r}, bundle has {got[k]!r}" for k in want if want[k] != got[k]]
+        if wrong:
+            raise BundleMismatch("bundle does not match this server: " + "; ".join(wrong))
+
+    # ------------------------------------------------------------------ one training step
+
+    def step(self, hidden: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """Labels at the server: one whole step. Returns (loss, dL/dh_K)."""
+        h_k = torch.tensor(hidden, dtype=torch.float32, requires_grad=True)  # (B, T, H), a copy
+        mask_t = torch.as_tensor(np.asarray(mask, np.int64))                 # (B, T)
+        h_n = self.arch.run_blocks(h_k, mask_t, self.cfg.cut, self.num_layers)
+        loss = causal_lm_loss(self.arch.logits(h_n), torch.as_tensor(np.asarray(labels, np.int64)), mask_t)
+        self._update(lambda: loss.backward())
+        return float(loss), h_k.grad.numpy()
+
+    def forward_u(self, hidden: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, PendingStep]:
+        """Labels on the device, first half: h_K -> h_N, keeping the graph for `backward_u`."""
+        h_k = torch.tensor(hidden, dtype=torch.float32, requires_grad=True)
+        h_n = self.arch.run_blocks(h_k, torch.as_tensor(np.asarray(mask, np.int64)), self.cfg.cut, self.num_layers)
+        return h_n.detach().numpy(), PendingStep(h_k, h_n)
+
+    def backward_u(self, pending: PendingStep, grad_n: np.ndarray) -> np.ndarray:
+        """Labels on the device, second half: dL/dh_N -> update -> dL/dh_K."""
+        self._update(lambda: pending.h_n.backward(torch.tensor(grad_n, dtype=torch.float32)))
+        return pending.h_k.grad.numpy()
+
+    def _update(self, backward) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        backward()
+        self.optimizer.step()
+
+    # ------------------------------------------------------------------ adapters
+
+    def lora_tensors(self, *, head: bool) -> dict[str, np.ndarray]:
+        """The head's (or the body's) LoRA tensors under bundle names ("<module>.lora_A")."""
+        out = {}
+        for name, p in self.peft.named_parameters():
+            match = _PEFT_NAME.match(name)
+            if match and (self._layer_of(name) < self.cfg.cut) == head:
+                out[f"{match.group(1)}.{match.group(2)}"] = p.detach().numpy().copy()
+        return out
+
+    def set_head_adapter(self, tensors: dict[str, np.ndarray]) -> None:
+        """Copy the clients' averaged head LoRA into the whole-model PEFT adapter."""
+        params = dict(self.peft.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                module, _, which = name.rpartition(".")
+                params[f"base_model.model.{module}.{which}.default.weight"].copy_(torch.from_numpy(np.asarray(value)))
+
+    def save_adapter(self, folder: Path) -> None:
+        """One PEFT adapter for the whole model: PeftModel.from_pretrained(base, folder) loads it."""
+        self.peft.save_pretrained(folder)
