@@ -47,6 +47,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from splitlm.cloud_server.body import Body, BodyConfig
     from splitlm.cloud_server.server import ServeConfig, SplitServer, serve_until_stopped
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     body = Body(BodyConfig(model=args.model, cut=args.cut, labels=args.labels, lora_rank=args.lora_rank,
                            lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
                            lr=args.lr, full=args.full, seed=args.seed))
@@ -125,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--out", help="folder for per-round adapters and metrics")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default). Use 1 when clients share this host's cores: "
+                        "torch's thread pool slows ~100x when its cores are contended")
     p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)")

@@ -78,7 +78,7 @@ def start_server(cfg: DemoConfig, model: Path) -> tuple[subprocess.Popen, str]:
     log = open(cfg.workdir / "server.log", "w")
     proc = subprocess.Popen(_cli("serve", str(model), "--cut", str(cfg.cut), "--port", "0",
                                  "--steps-per-round", str(cfg.steps_per_round), "--wire", cfg.wire,
-                                 "--out", str(cfg.workdir / "server")),
+                                 "--out", str(cfg.workdir / "server"), "--threads", "1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     for line in proc.stdout:
@@ -110,7 +110,7 @@ def run_clients(cfg: DemoConfig, url: str, bundle: Path, data: list[Path]) -> li
         procs.append(subprocess.Popen(_cli("edge", url, "--bundle", str(bundle), "--data", str(path),
                                            "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
                                            "--seq-len", "64", "--client-id", f"client-{i}", "--seed", str(i),
-                                           "--metrics-out", str(metrics[-1])),
+                                           "--metrics-out", str(metrics[-1]), "--threads", "1"),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for i, proc in enumerate(procs):
         out, _ = proc.communicate()

@@ -91,7 +91,7 @@ class ServerProcess:
         import time
 
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "splitlm.cli", "serve", *args, "--port", "0"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitlm.cli", "serve", *args, "--port", "0", "--threads", "1"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         self.url = None

@@ -1,0 +1,310 @@
+"""The onnxruntime sessions of one client bundle, sharing one copy of the frozen weights.
+
+    forward(ids, mask, loras)               head.onnx       -> hidden            (B, T, H)
+    lora_grads(ids, mask, grad_h, loras)    head_grad.onnx  -> {name: dL/dlora}
+    tail(hidden_N, labels, mask)            tail.onnx       -> loss, dL/dhidden_N  (labels on device)
+
+head.onnx and head_grad.onnx each embed the same frozen weights (the embedding is 80% of a
+SmolLM2 head), and two plain sessions keep two copies. Here each distinct large initializer is
+read from disk once, into one OrtValue handed to every session that has it
+(`SessionOptions.add_initializer`); identical tensors are matched by content, since the graphs
+name them differently. Each session is built from the model bytes with those tensors' data
+replaced by a reference to their place in the .onnx file, so onnxruntime never parses a second
+copy either. The onnx package is not on the device: the few protobuf fields this needs are read
+by hand (`read_initializers`).
+
+onnxruntime's memory arena and memory pattern are off by default (`mem_arena=False`): both keep
+the largest step's activations (the pattern, one block sized for a whole run) for the session's
+life. For fp32 bundles prepacking is off too: a packed copy of a shared weight is a second copy.
+
+Peak RSS of a fresh process training SmolLM2-135M cut at 2, batch 1 x 512 tokens
+(bench/bench_edge_memory.py), plain two sessions -> this runtime:
+    fp32   one step 525 -> 336 MB (0.64x)    after three steps 681 -> 338 MB (0.50x)
+    q4     one step 286 -> 219 MB (0.77x)    after three steps 449 -> 224 MB (0.50x)
+
+The sessions borrow the pool's memory: keep the HeadRuntime alive while they are in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from splitlm.errors import BundleMismatch
+from splitlm.manifest import Bundle
+
+SHARE_MIN_BYTES = 1 << 16  # smaller initializers stay inside their graph
+HASH_CHUNK = 1 << 20
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+class HeadRuntime:
+    """The device's graphs of one bundle: head, its VJP and (labels on device) the tail."""
+
+    def __init__(self, bundle: Bundle | str | Path, *, threads: int = 0, share_weights: bool = True,
+                 mem_arena: bool = False):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.manifest = self.bundle.manifest
+        self.threads, self.mem_arena = threads, mem_arena
+        self.pool = WeightPool() if share_weights else None
+        self.head = self._session("head.onnx")
+        self.head_grad = self._session("head_grad.onnx")
+        self.tail_session = self._session("tail.onnx") if self.has_tail else None
+
+    @property
+    def has_tail(self) -> bool:
+        return self.manifest.labels == "device"
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads  # 0: onnxruntime picks (one per core)
+        options.enable_cpu_mem_arena = self.mem_arena  # off: a step's activations go back when it ends
+        options.enable_mem_pattern = self.mem_arena    # off: no block sized for the whole run, kept after it
+        # No spin-waiting after a run: the device mostly waits on the network, and spinning threads
+        # burned ~25x the compute time in CPU (and battery), starving a server on the same host.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.pool and self.manifest.quant == "fp32":
+            # A prepacked fp32 MatMul weight is a second copy beside the shared one (-50 MB for a
+            # SmolLM2 head, -160 MB with its tail); the quantized kernels' packing costs nothing here.
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        path = self.bundle.file(name)
+        model = self.pool.model_bytes(path, options) if self.pool else str(path)
+        return ort.InferenceSession(model, options, providers=PROVIDERS)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                loras: dict[str, np.ndarray]) -> np.ndarray:
+        """hidden_K (B, T, H) float32 of the head with these LoRA tensors."""
+        feed = {**self._token_inputs(input_ids, attention_mask), **self._lora_inputs(loras)}
+        return self.head.run(["hidden"], feed)[0]
+
+    def lora_grads(self, input_ids: np.ndarray, attention_mask: np.ndarray, grad_hidden: np.ndarray,
+                   loras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """dL/d(each LoRA tensor) given dL/dhidden_K (B, T, H), by name."""
+        feed = {**self._token_inputs(input_ids, attention_mask),
+                "grad_hidden": self._float(grad_hidden, "grad_hidden", input_ids.shape),
+                **self._lora_inputs(loras)}
+        names = list(self.manifest.lora.tensors)
+        return dict(zip(names, self.head_grad.run([f"grad.{n}" for n in names], feed)))
+
+    def tail(self, hidden: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, dL/dhidden_N (B, T, H)): mean next-token cross-entropy of the tail on the device."""
+        if self.tail_session is None:
+            raise BundleMismatch(f"bundle {self.bundle.path} has no tail.onnx: it was exported with labels "
+                                 f"at the {self.manifest.labels}; export it with --labels device")
+        tokens = self._token_inputs(labels, attention_mask)
+        feed = {"hidden": self._float(hidden, "hidden", labels.shape), "labels": tokens["input_ids"],
+                "attention_mask": tokens["attention_mask"]}
+        loss, grad = self.tail_session.run(["loss", "grad_hidden"], feed)
+        return float(loss), grad
+
+    # --- input checks: a wrong shape gets our message, not onnxruntime's ------------------------
+
+    def _token_inputs(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        ids, mask = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(mask, np.int64)
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ValueError(f"expected token ids and mask of one shape (B, T), got {ids.shape} and {mask.shape}")
+        if not 3 <= ids.shape[1] <= self.manifest.max_length:
+            raise ValueError(f"sequence length must be in 3..{self.manifest.max_length} for this bundle, "
+                             f"got {ids.shape[1]}")
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _float(self, x: np.ndarray, what: str, tokens_shape: tuple[int, ...]) -> np.ndarray:
+        expected = (*tokens_shape, self.manifest.model.hidden_size)
+        if x.shape != expected:
+            raise ValueError(f"{what}: expected shape {expected}, got {x.shape}")
+        return np.ascontiguousarray(x, np.float32)
+
+    def _lora_inputs(self, loras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.manifest.lora.tensors
+        if set(loras) != set(spec):
+            missing, unexpected = sorted(set(spec) - set(loras)), sorted(set(loras) - set(spec))
+            raise BundleMismatch(f"LoRA tensors do not match the bundle: missing {missing}, "
+                                 f"unexpected {unexpected}")
+        for name, shape in spec.items():
+            if tuple(loras[name].shape) != tuple(shape):
+                raise BundleMismatch(f"LoRA tensor {name}: expected shape {tuple(shape)}, got {loras[name].shape}")
+        return {name: np.ascontiguousarray(loras[name], np.float32) for name in spec}
+
+
+# --- one copy of each frozen weight ------------------------------------------------------------
+
+class WeightPool:
+    """Distinct large initializers, keyed by content, each one OrtValue shared by every session."""
+
+    def __init__(self):
+        self.values: dict[tuple, ort.OrtValue] = {}  # (data type, dims, blake2b of the bytes) -> value
+        self.nbytes = 0                               # held by the pool, once
+        self.served = 0                               # handed to sessions, counting each time
+
+    def model_bytes(self, path: Path, options: ort.SessionOptions) -> bytes:
+        """The model at `path` with its large weights taken from the pool (registered on `options`)."""
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            large = [t for t in read_initializers(buf) if t.nbytes >= SHARE_MIN_BYTES]
+            for t in large:
+                if t.dtype is not None:
+                    options.add_initializer(t.name, self._value(f, t))
+                    self.served += t.nbytes
+            # The rest (4-bit types) onnxruntime reads itself, from the references into the file.
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(path.parent.resolve()))
+            return without_data(buf, large, location=path.name)
+
+    def _value(self, f, t: "Initializer") -> ort.OrtValue:
+        key = (t.data_type, t.dims, _digest(f, *t.data))
+        if key not in self.values:
+            array = np.empty(t.dims, t.dtype)  # add_initializer wants memory we own
+            f.seek(t.data[0])
+            f.readinto(memoryview(array).cast("B"))
+            self.values[key] = ort.OrtValue.ortvalue_from_numpy(array)  # keeps `array` alive, no copy
+            self.nbytes += t.nbytes
+        return self.values[key]
+
+
+def _digest(f, start: int, end: int) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    f.seek(start)
+    while start < end:
+        chunk = f.read(min(HASH_CHUNK, end - start))
+        h.update(chunk)
+        start += len(chunk)
+    return h.digest()
+
+
+# --- the few protobuf fields of an .onnx file this needs ---------------------------------------
+# ModelProto.graph = 7; GraphProto.initializer = 5; TensorProto: dims = 1, data_type = 2, name = 8,
+# raw_data = 9, external_data = 13 (StringStringEntryProto: key = 1, value = 2), data_location = 14.
+
+# TensorProto.DataType -> numpy; the 4-bit types (uint4 21, int4 22) have no numpy type and stay put.
+NUMPY_TYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+
+
+@dataclass(frozen=True)
+class Initializer:
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    data: tuple[int, int] | None  # raw_data's byte span in the file, if the data is raw
+    proto: tuple[int, int]        # the TensorProto's byte span
+
+    @property
+    def nbytes(self) -> int:
+        return self.data[1] - self.data[0] if self.data else 0
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """The numpy dtype of the data, if it has one and the byte count agrees with the dims."""
+        dtype = NUMPY_TYPES.get(self.data_type)
+        ok = dtype is not None and math.prod(self.dims) * np.dtype(dtype).itemsize == self.nbytes
+        return np.dtype(dtype) if ok else None
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, value, span) of each field in buf[start:end].
+
+    value: the int of a varint, or the (start, end) of a length-delimited payload; span covers
+    the whole field, key included.
+    """
+    i = start
+    while i < end:
+        key, j = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, k = _varint(buf, j)
+        elif wire == 2:
+            n, p = _varint(buf, j)
+            value, k = (p, p + n), p + n
+        elif wire in (1, 5):
+            value, k = None, j + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} at byte {i}")
+        yield key >> 3, wire, value, (i, k)
+        i = k
+
+
+def _graph_span(buf) -> tuple[int, int]:
+    for number, _, value, _ in _fields(buf, 0, len(buf)):
+        if number == 7:
+            return value
+    raise ValueError("no graph in this model")
+
+
+def read_initializers(buf) -> list[Initializer]:
+    """The initializers of an ONNX ModelProto held in `buf` (bytes or an mmap)."""
+    out = []
+    for number, _, proto, _ in _fields(buf, *_graph_span(buf)):
+        if number != 5:
+            continue
+        name, data_type, dims, data = "", 0, [], None
+        for field, wire, value, _ in _fields(buf, *proto):
+            if field == 1 and wire == 0:
+                dims.append(value)
+            elif field == 1:  # packed dims
+                i = value[0]
+                while i < value[1]:
+                    d, i = _varint(buf, i)
+                    dims.append(d)
+            elif field == 2:
+                data_type = value
+            elif field == 8:
+                name = bytes(buf[value[0]:value[1]]).decode()
+            elif field == 9:
+                data = value
+        out.append(Initializer(name, data_type, tuple(dims), data, proto))
+    return out
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _encode_varint(number << 3 | wire)
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _delimited(number: int, payload: bytes) -> bytes:
+    return _key(number, 2) + _encode_varint(len(payload)) + payload
+
+
+def _external(buf, t: Initializer, location: str) -> bytes:
+    """TensorProto `t` with its raw_data replaced by a reference to the same bytes in `location`."""
+    kept = b"".join(bytes(buf[s:e]) for field, _, _, (s, e) in _fields(buf, *t.proto) if field in (1, 2, 8))
+    entries = {"location": location, "offset": str(t.data[0]), "length": str(t.nbytes)}
+    refs = b"".join(_delimited(13, _delimited(1, k.encode()) + _delimited(2, v.encode()))
+                    for k, v in entries.items())
+    return kept + refs + _key(14, 0) + _encode_varint(1)  # data_location = EXTERNAL
+
+
+def without_data(buf, tensors: list[Initializer], *, location: str) -> bytes:
+    """The model in `buf` with the data of `tensors` moved out to external references."""
+    by_proto = {t.proto: t for t in tensors}
+    graph = bytearray()
+    for number, _, value, (s, e) in _fields(buf, *_graph_span(buf)):
+        t = by_proto.get(value) if number == 5 else None
+        graph += _delimited(5, _external(buf, t, location)) if t else bytes(buf[s:e])
+    model = bytearray()
+    for number, _, _, (s, e) in _fields(buf, 0, len(buf)):
+        model += _delimited(7, bytes(graph)) if number == 7 else bytes(buf[s:e])
+    return bytes(model)
