@@ -110,8 +110,9 @@ class EdgeClient:
         on_device = self.bundle.manifest.labels == "device"
         with self.meter.compute():
             h_k = self.runtime.forward(batch.input_ids, batch.attention_mask, self.lora)  # (B, T, H)
-        await self._send(ws, Forward(step=step, hidden=h_k, attention_mask=batch.attention_mask,
-                                     labels=None if on_device else batch.labels))
+        # 5 bytes a token beside the activations: the mask as uint8, labels as int32.
+        await self._send(ws, Forward(step=step, hidden=h_k, attention_mask=batch.attention_mask.astype(np.uint8),
+                                     labels=None if on_device else batch.labels.astype(np.int32)))
         if on_device:
             hidden = await self._recv(ws, Hidden)
             with self.meter.compute():
@@ -136,9 +137,9 @@ class EdgeClient:
             steps = range(welcome.step, self.total_steps)
             for step in self._progress(steps):
                 loss = await self.train_step(ws, step)
-                self.meter.end_step(step=step, loss=loss)
                 if (step + 1) % welcome.steps_per_round == 0:
-                    await self.end_round(ws)
+                    await self.end_round(ws)  # its bytes count in the step that closes the round
+                self.meter.end_step(step=step, loss=loss)
             await self._send(ws, Bye(reason="done"))
         return self.meter.summary()
 

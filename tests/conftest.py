@@ -46,7 +46,8 @@ def build_tiny_model(family: str, out: Path, *, layers: int = 4, seed: int = 0) 
                           tie_word_embeddings=True, pad_token_id=0)
         model = LlamaForCausalLM(cfg)
     else:
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=512)
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=512,
+                         bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(cfg)
     model.save_pretrained(out)
     build_tokenizer(out)
@@ -72,6 +73,25 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kw) -> 
     """`splitlm ARGS` as a real subprocess."""
     return subprocess.run([sys.executable, "-m", "splitlm.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_llama, tiny_gpt2, tmp_path_factory):
+    """`tiny_bundle(labels, family="llama")`: an fp32 bundle cut at 2, LoRA rank 4, made once a session."""
+    from splitlm.export.bundle import ExportOptions, export_bundle
+    from splitlm.manifest import Bundle
+
+    made: dict[tuple[str, str], Bundle] = {}
+
+    def get(labels: str, family: str = "llama") -> Bundle:
+        if (labels, family) not in made:
+            out = tmp_path_factory.mktemp("bundle") / f"{family}-{labels}"
+            model = {"llama": tiny_llama, "gpt2": tiny_gpt2}[family]
+            export_bundle(str(model), out, ExportOptions(cut=2, quant="fp32", labels=labels, lora_rank=4,
+                                                         max_length=128), log=lambda *_: None)
+            made[labels, family] = Bundle.open(out)
+        return made[labels, family]
+    return get
 
 
 @pytest.fixture(scope="session")

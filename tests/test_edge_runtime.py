@@ -16,19 +16,15 @@ from splitlm.edge_client.meter import Meter
 from splitlm.edge_client.optim import AdamW
 from splitlm.edge_client.runtime import HeadRuntime, read_initializers
 from splitlm.errors import BundleMismatch
-from splitlm.export.bundle import ExportOptions, export_bundle
 from splitlm.manifest import Bundle
 
 B, T = 2, 12
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_llama, tmp_path_factory) -> Bundle:
+def bundle(tiny_bundle) -> Bundle:
     """A tiny fp32 bundle with labels on the device: head, head_grad and tail."""
-    out = tmp_path_factory.mktemp("edge-bundle") / "b"
-    export_bundle(str(tiny_llama), out, ExportOptions(cut=2, quant="fp32", labels="device", lora_rank=4,
-                                                      max_length=128), log=lambda *_: None)
-    return Bundle.open(out)
+    return tiny_bundle("device")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from splitlm.export.bundle import ExportOptions, export_bundle
 from splitlm.export.fidelity import OnnxHead, per_token_cosine
 from splitlm.manifest import Bundle, sha256_file
 
@@ -19,11 +18,8 @@ CUT = 2
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    export_bundle(str(tiny_model), out, ExportOptions(cut=CUT, quant="fp32", labels="device", lora_rank=4,
-                                                      max_length=64), log=lambda *_: None)
-    return Bundle.open(out)
+def fp32_bundle(tiny_model, tiny_llama, tiny_bundle):
+    return tiny_bundle("device", "llama" if tiny_model == tiny_llama else "gpt2")
 
 
 def load_hf(path):

@@ -17,8 +17,6 @@ from websockets.asyncio.server import serve
 
 from splitlm.demo import write_ledger_data
 from splitlm.edge_client.data import Dataset
-from splitlm.export.bundle import ExportOptions, export_bundle
-from splitlm.manifest import Bundle
 from splitlm.protocol import Forward, Limits, decode
 
 from .conftest import ServerProcess, edge_cmd
@@ -59,10 +57,9 @@ class RecordingRelay:
 
 
 @pytest.fixture(scope="module")
-def recorded(tiny_llama, tmp_path_factory):
-    bundle_dir = tmp_path_factory.mktemp("bundle") / "device"
-    export_bundle(str(tiny_llama), bundle_dir, ExportOptions(cut=2, quant="fp32", labels="device", lora_rank=4,
-                                                             max_length=64), log=lambda *_: None)
+def recorded(tiny_llama, tiny_bundle, tmp_path_factory):
+    bundle = tiny_bundle("device")
+    bundle_dir = bundle.path
     data = tmp_path_factory.mktemp("data")
     write_ledger_data(data, clients=1, per_client=12, held_out=1)
     server = ServerProcess(str(tiny_llama), "--cut", "2", "--labels", "device", "--lora-rank", "4",
@@ -76,7 +73,6 @@ def recorded(tiny_llama, tmp_path_factory):
     finally:
         relay.close()
         server.stop()
-    bundle = Bundle.open(bundle_dir)
     dataset = Dataset.from_file(data / "client-0.jsonl", bundle, seq_len=32, batch_size=2, seed=0)
     return relay.frames, [dataset.batch(s) for s in range(STEPS)]
 

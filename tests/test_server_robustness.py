@@ -17,20 +17,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from splitlm.demo import write_ledger_data
-from splitlm.export.bundle import ExportOptions, export_bundle
 from splitlm.manifest import Bundle
 from splitlm.protocol import Error, Forward, Hello, Hidden, Limits, Welcome, decode, encode
 
 from .conftest import ServerProcess, edge_cmd
 
 GOOD_STEPS = 300
-
-
-def bundle_for(model, tmp_path_factory, labels: str) -> Bundle:
-    out = tmp_path_factory.mktemp("bundle") / labels
-    export_bundle(str(model), out, ExportOptions(cut=2, quant="fp32", labels=labels, lora_rank=4, max_length=64),
-                  log=lambda *_: None)
-    return Bundle.open(out)
 
 
 def hello_for(bundle: Bundle, **change) -> Hello:
@@ -70,9 +62,9 @@ def nan_frame(bundle: Bundle) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def training(tiny_llama, tmp_path_factory):
+def training(tiny_llama, tiny_bundle, tmp_path_factory):
     """A server with one good client process training GOOD_STEPS steps in the background."""
-    bundle = bundle_for(tiny_llama, tmp_path_factory, "server")
+    bundle = tiny_bundle("server")
     data = tmp_path_factory.mktemp("data")
     write_ledger_data(data, clients=1, per_client=40, held_out=1)
     server = ServerProcess(str(tiny_llama), "--cut", "2", "--lora-rank", "4", "--wire", "f32",
@@ -172,8 +164,8 @@ def test_the_good_client_did_every_step_exactly_once(training):
     assert any(good_at[0] < i < good_at[-1] for i in mallory_at), "misbehaviour overlapped the good client"
 
 
-def test_a_client_vanishing_mid_u_step_releases_the_body(tiny_llama, tmp_path_factory):
-    bundle = bundle_for(tiny_llama, tmp_path_factory, "device")
+def test_a_client_vanishing_mid_u_step_releases_the_body(tiny_llama, tiny_bundle):
+    bundle = tiny_bundle("device")
     server = ServerProcess(str(tiny_llama), "--cut", "2", "--labels", "device", "--lora-rank", "4", "--wire", "f32")
     try:
         ws = joined(server.url, bundle)

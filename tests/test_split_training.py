@@ -11,7 +11,6 @@ import torch
 
 from splitlm.demo import write_ledger_data
 from splitlm.edge_client.data import Dataset
-from splitlm.export.bundle import ExportOptions, export_bundle
 from splitlm.manifest import Bundle
 
 from .conftest import ServerProcess, edge_cmd
@@ -27,11 +26,8 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["server", "device"])
-def split_setup(request, tiny_llama, tmp_path_factory):
-    bundle = tmp_path_factory.mktemp("bundle") / f"fp32-{request.param}"
-    export_bundle(str(tiny_llama), bundle, ExportOptions(cut=2, quant="fp32", labels=request.param, lora_rank=4,
-                                                         max_length=128), log=lambda *_: None)
-    return tiny_llama, Bundle.open(bundle)
+def split_setup(request, tiny_llama, tiny_bundle):
+    return tiny_llama, tiny_bundle(request.param)
 
 
 def serve_args(model, bundle: Bundle, *extra: str) -> list[str]:
@@ -44,7 +40,8 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def centralized_losses(model_dir, bundle: Bundle, data: Dataset, *, steps: int, seed: int = 0) -> list[float]:
+def centralized_losses(model_dir, bundle: Bundle, data: Dataset, *, steps: int, seed: int = 0,
+                       lr: float = LR) -> list[float]:
     """The same fine-tune in one PyTorch process: PEFT LoRA on every block, torch AdamW, same data order."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -59,7 +56,7 @@ def centralized_losses(model_dir, bundle: Bundle, data: Dataset, *, steps: int, 
         for name, value in bundle.lora_init().items():  # the head starts where the device starts
             module, _, which = name.rpartition(".")
             params[f"base_model.model.{module}.{which}.default.weight"].copy_(torch.from_numpy(value))
-    optim = torch.optim.AdamW([p for n, p in params.items() if "lora_" in n], lr=LR, weight_decay=0.0)
+    optim = torch.optim.AdamW([p for n, p in params.items() if "lora_" in n], lr=lr, weight_decay=0.0)
     losses = []
     for step in range(steps):
         b = data.batch(step)
