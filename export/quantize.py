@@ -1,0 +1,286 @@
+"""Weight quantization of the client graphs (head, head_grad, tail), one preset per bundle.
+
+    fp32   the exported graph, copied as is
+    q8     MatMulNBits 8-bit symmetric, block 32                + 8-bit GatherBlockQuantized embedding
+    q4     MatMulNBits 4-bit asymmetric, block 32, HQQ          + 4-bit GatherBlockQuantized embedding
+    int8   quantize_dynamic: MatMulInteger (int8 weights per channel) + 8-bit Gather; MatMuls
+           with K > N get 8-bit MatMulNBits instead (see `quantize_int8`)
+
+q4 uses HQQ (a half-quadratic solver for scale and a float zero point per block): on SmolLM2-135M
+cut at K=2 it reproduces the model's GGUF Q4_1 weights almost exactly, where round-to-nearest
+with integer zero points (DEFAULT, RTN, k_quant) costs +3.5% perplexity on some text. The float
+zero points keep onnxruntime's kernel on its slower float path (head at b1 s128: 17.5 ms, against
+10.4 ms with integer zero points and 11.5 ms for fp32).
+
+Only frozen weights (initializers) are quantized: the LoRA tensors and the activations are graph
+inputs and stay float. The quantizers only see a MatMul whose B is an initializer, so each graph
+is first put in that form:
+
+    Transpose(W)            -> a transposed initializer   (the VJP's backward matmuls)
+    Gemm(A, W, C)           -> MatMul(A, W) + C           (GPT-2's Conv1D is an addmm)
+
+onnxruntime's quantizer writes a quantized Gather only as 4-bit, so the 8-bit embedding of q8 is
+built here; everything else is `onnxruntime.quantization`. A weight shared by several MatMuls
+(or Gathers) is stored once; a table both gathered and multiplied (a tied embedding) gets one
+quantized copy per layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import (
+    DefaultWeightOnlyQuantConfig,
+    HQQWeightOnlyQuantConfig,
+    MatMulNBitsQuantizer,
+    WeightOnlyQuantConfig,
+)
+
+from splitlm.errors import ExportError
+
+# The quantizer logs every node it visits at INFO.
+logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+PRESETS = ("fp32", "q8", "q4", "int8")
+BLOCK = 32  # weights per quantization block, along the reduced axis (MatMul K, embedding hidden)
+MS_DOMAIN = "com.microsoft"
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def quantize_graph(src: Path, dst: Path, *, preset: str) -> None:
+    """Write `src` quantized with `preset` to `dst`, as one self-contained .onnx file."""
+    if preset not in PRESETS:
+        raise ExportError(f"unknown quant preset {preset!r}: choose from {', '.join(PRESETS)}")
+    if preset == "fp32":
+        shutil.copyfile(src, dst)
+        return
+    model = onnx.load(src)
+    prepare_weights(model.graph)
+    model = QUANTIZERS[preset](model)
+    drop_unused_initializers(model.graph)
+    onnx.save(model, dst)
+
+
+# --- putting every constant weight behind a MatMul -----------------------------------------------
+
+def prepare_weights(graph: onnx.GraphProto) -> None:
+    """Fold Transpose(initializer), split Gemm and untie gathered tables, so that each frozen
+    weight is a MatMul's constant B or a Gather's own table."""
+    fold_constant_transposes(graph)
+    split_gemms(graph)
+    untie_gathered_matmul_weights(graph)
+    name_nodes(graph)
+
+
+def fold_constant_transposes(graph: onnx.GraphProto) -> None:
+    """Replace each Transpose of an initializer by the transposed initializer, under its output name."""
+    inits = {t.name: t for t in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            array = numpy_helper.to_array(inits[node.input[0]])
+            perm = _attr(node, "perm", list(reversed(range(array.ndim))))
+            folded = np.ascontiguousarray(np.transpose(array, perm))
+            graph.initializer.append(numpy_helper.from_array(folded, node.output[0]))
+        else:
+            kept.append(node)
+    _replace(graph.node, kept)
+
+
+def split_gemms(graph: onnx.GraphProto) -> None:
+    """Gemm(A, W[, C]) with a constant W -> MatMul(A, W) (+ Add C), W transposed if transB."""
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if not _is_plain_weight_gemm(node, inits):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if _attr(node, "transB", 0):
+            weight = f"{weight}.T"
+            array = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[1]]).T)
+            graph.initializer.append(numpy_helper.from_array(array, weight))
+        nodes.extend(_matmul_plus_bias(node, weight))
+    _replace(graph.node, nodes)
+
+
+def _is_plain_weight_gemm(node: onnx.NodeProto, inits: dict) -> bool:
+    return (node.op_type == "Gemm" and node.input[1] in inits and not _attr(node, "transA", 0)
+            and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0)
+
+
+def _matmul_plus_bias(gemm: onnx.NodeProto, weight: str) -> list[onnx.NodeProto]:
+    has_bias = len(gemm.input) > 2 and gemm.input[2]
+    product = f"{gemm.output[0]}.matmul" if has_bias else gemm.output[0]
+    nodes = [helper.make_node("MatMul", [gemm.input[0], weight], [product], name=f"{gemm.name}.matmul")]
+    if has_bias:
+        bias = helper.make_node("Add", [product, gemm.input[2]], [gemm.output[0]], name=f"{gemm.name}.bias")
+        nodes.append(bias)
+    return nodes
+
+
+def untie_gathered_matmul_weights(graph: onnx.GraphProto) -> None:
+    """Give Gathers their own copy of a table that a MatMul also reads: the two are quantized in
+    different layouts, and the quantizers would name both `<table>_Q<bits>`."""
+    matmul_weights = {n.input[1] for n in graph.node if n.op_type == "MatMul"}
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        table = node.input[0]
+        if node.op_type == "Gather" and table in inits and table in matmul_weights:
+            node.input[0] = f"{table}.gather"
+            if node.input[0] not in inits:
+                inits[node.input[0]] = numpy_helper.from_array(numpy_helper.to_array(inits[table]), node.input[0])
+                graph.initializer.append(inits[node.input[0]])
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every node a unique name: the quantizers select and exclude nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type.lower()}_{i}"
+        seen.add(node.name)
+
+
+def weight_nodes(graph: onnx.GraphProto, op_type: str) -> list[str]:
+    """Names of `op_type` nodes whose weight (MatMul B, Gather data) is a 2-D float initializer."""
+    inits = {t.name: t for t in graph.initializer}
+    slot = {"MatMul": 1, "Gather": 0}[op_type]
+    return [n.name for n in graph.node if n.op_type == op_type and n.input[slot] in inits
+            and len(inits[n.input[slot]].dims) == 2 and inits[n.input[slot]].data_type in FLOATS]
+
+
+def reducing_matmuls(graph: onnx.GraphProto) -> list[str]:
+    """Weight MatMuls whose weight (K, N) has K > N."""
+    dims = {t.name: t.dims for t in graph.initializer}
+    weights = set(weight_nodes(graph, "MatMul"))
+    return [n.name for n in graph.node if n.name in weights and dims[n.input[1]][0] > dims[n.input[1]][1]]
+
+
+# --- presets ---------------------------------------------------------------------------------------
+
+def nbits8(*, accuracy_level: int | None = None) -> DefaultWeightOnlyQuantConfig:
+    """8-bit symmetric MatMulNBits. accuracy_level=4 computes in int8, about 2x faster on CPU, but
+    costs SmolLM2 up to +0.22% perplexity (float compute: +0.06%), over q8's budget of 0.2%."""
+    return DefaultWeightOnlyQuantConfig(block_size=BLOCK, bits=8, is_symmetric=True,
+                                        accuracy_level=accuracy_level)
+
+
+def quantize_q8(model: onnx.ModelProto) -> onnx.ModelProto:
+    model = matmul_nbits(model, nbits8())
+    gather_8bit(model.graph)
+    return model
+
+
+def quantize_q4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """HQQ for the MatMuls; the embedding takes onnxruntime's 4-bit Gather quantization, asymmetric
+    (SmolLM2 with only the embedding quantized: +0.5% perplexity, +1.3% symmetric)."""
+    model = matmul_nbits(model, HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4))
+    embedding = DefaultWeightOnlyQuantConfig(block_size=BLOCK, bits=4, is_symmetric=False,
+                                             op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+    return matmul_nbits(model, embedding)
+
+
+def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """MatMulInteger, except where the input is wider than the output (K > N): those stay 8-bit
+    weight-only, since per-tensor dynamic quantization of their inputs is what costs accuracy
+    (the MLP down projection's outlier activations, the tail's peaked softmax gradient)."""
+    model = matmul_nbits(model, nbits8(accuracy_level=4), nodes=reducing_matmuls(model.graph))
+    nodes = weight_nodes(model.graph, "MatMul") + weight_nodes(model.graph, "Gather")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(model, out, op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=nodes,
+                         per_channel=True, weight_type=QuantType.QInt8)
+        return onnx.load(out)
+
+
+QUANTIZERS = {"q8": quantize_q8, "q4": quantize_q4, "int8": quantize_int8}
+
+
+def matmul_nbits(model: onnx.ModelProto, config: WeightOnlyQuantConfig,
+                 nodes: list[str] | None = None) -> onnx.ModelProto:
+    """Run onnxruntime's MatMulNBitsQuantizer on `nodes` (default: every weight node of the
+    config's op types)."""
+    op_types = sorted(config.op_types_to_quantize)
+    if nodes is None:
+        nodes = [name for op in op_types for name in weight_nodes(model.graph, op)]
+    chosen = set(nodes)
+    excluded = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in chosen]
+    quantizer = MatMulNBitsQuantizer(model, block_size=BLOCK, nodes_to_exclude=excluded, algo_config=config)
+    with warnings.catch_warnings():  # HQQ hands torch a read-only numpy array, and torch says so
+        warnings.simplefilter("ignore", UserWarning)
+        quantizer.process()
+    return quantizer.model.model
+
+
+# --- the 8-bit embedding -----------------------------------------------------------------------------
+
+def gather_8bit(graph: onnx.GraphProto) -> None:
+    """Gather on a float table -> GatherBlockQuantized, bits=8, symmetric blocks along the last axis."""
+    inits = {t.name: t for t in graph.initializer}
+    targets = set(weight_nodes(graph, "Gather"))
+    nodes = []
+    for node in graph.node:
+        if node.name in targets:
+            if f"{node.input[0]}_Q8" not in inits:  # a table shared by several Gathers is stored once
+                for tensor in _8bit_table(inits[node.input[0]]):
+                    inits[tensor.name] = tensor
+                    graph.initializer.append(tensor)
+            node = _gather_block_quantized(node)
+        nodes.append(node)
+    _replace(graph.node, nodes)
+
+
+def _8bit_table(table: onnx.TensorProto) -> list[onnx.TensorProto]:
+    data, scales = symmetric_8bit_blocks(numpy_helper.to_array(table).astype(np.float32))
+    return [numpy_helper.from_array(data, f"{table.name}_Q8"),
+            numpy_helper.from_array(scales, f"{table.name}_scales_Q8")]
+
+
+def _gather_block_quantized(gather: onnx.NodeProto) -> onnx.NodeProto:
+    table, indices = gather.input
+    return helper.make_node(
+        "GatherBlockQuantized", [f"{table}_Q8", indices, f"{table}_scales_Q8"], list(gather.output),
+        name=f"{gather.name}_Q8", domain=MS_DOMAIN,
+        gather_axis=_attr(gather, "axis", 0), quantize_axis=1, block_size=BLOCK, bits=8)
+
+
+def symmetric_8bit_blocks(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) floats -> uint8 codes (zero point 128, the op's default) and (rows, cols/BLOCK) scales."""
+    rows, cols = table.shape
+    if cols % BLOCK:
+        raise ExportError(f"an 8-bit embedding needs a width divisible by {BLOCK}, got {cols}")
+    blocks = table.reshape(rows, cols // BLOCK, BLOCK)
+    scales = np.abs(blocks).max(axis=2) / 127.0  # (rows, cols / BLOCK)
+    safe = np.where(scales == 0, 1.0, scales)[..., None]
+    codes = np.clip(np.round(blocks / safe), -127, 127) + 128
+    return codes.astype(np.uint8).reshape(rows, cols), scales.astype(table.dtype)
+
+
+# --- graph housekeeping ------------------------------------------------------------------------------
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    _replace(graph.initializer, [t for t in graph.initializer if t.name in used])
+
+
+def _replace(field, items: list) -> None:
+    """Set a repeated proto field (graph.node, graph.initializer) to `items`, which may be its own."""
+    items = [type(x).FromString(x.SerializeToString()) for x in items]  # detached before clearing
+    del field[:]
+    field.extend(items)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default

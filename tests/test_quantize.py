@@ -1,0 +1,217 @@
+"""Quant presets on tiny random Llama and GPT-2 client graphs: ops, accuracy, gradients, size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from splitlm.errors import ExportError
+from splitlm.export.arch import DEFAULT_TARGETS, Arch
+from splitlm.export.graphs import ClientGraphs, export_client_graphs
+from splitlm.export.lora import LoRAInputs, LoRASpec
+from splitlm.export.quantize import PRESETS, drop_unused_initializers, prepare_weights, quantize_graph
+
+FAMILIES = ("llama", "gpt2")
+GRAPHS = ("head", "head_grad", "tail")
+QUANTIZED = ("q8", "q4", "int8")
+MATMUL_OP = {"q8": "MatMulNBits", "q4": "MatMulNBits", "int8": "MatMulInteger"}
+EMBEDDING_OP = {"q8": "GatherBlockQuantized", "q4": "GatherBlockQuantized", "int8": "DequantizeLinear"}
+# Per-token cosine of the head output against fp32, min over tokens, for a random tiny model
+# (measured: q8 0.99994, q4 0.983, int8 0.9997).
+MIN_HEAD_COSINE = {"q8": 0.999, "q4": 0.97, "int8": 0.995}
+# Initializer bytes after / before (measured 0.27-0.29 for 8-bit, 0.19-0.21 for 4-bit): a byte or half
+# a byte per weight, plus a scale (and a zero point) per block of 32.
+MAX_WEIGHT_RATIO = {"q8": 0.30, "q4": 0.22, "int8": 0.30}
+VOCAB, HIDDEN, BATCH, SEQ = 128, 64, 2, 12
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+    else:
+        config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    for name, p in model.named_parameters():
+        p.requires_grad_(False)
+        if name.endswith(".bias"):  # nonzero, so GPT-2's addmm keeps its bias (Gemm with C)
+            p.normal_(0, 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory) -> dict[str, Path]:
+    """family -> folder with head/head_grad/tail exported at cut 1, and `{graph}.{preset}.onnx`."""
+    folders = {}
+    for family in FAMILIES:
+        model = tiny_model(family)
+        arch = Arch.of(model)
+        spec = LoRASpec(4, 8.0, DEFAULT_TARGETS[arch.family])
+        lora = LoRAInputs(model, arch.target_modules(range(1), spec.targets), spec)
+        folder = tmp_path_factory.mktemp(family)
+        export_client_graphs(ClientGraphs(arch, 1, lora), folder, with_tail=True, max_seq=32)
+        for graph in GRAPHS:
+            for preset in PRESETS:
+                quantize_graph(folder / f"{graph}.onnx", folder / f"{graph}.{preset}.onnx", preset=preset)
+        folders[family] = folder
+    return folders
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def feed_for(sess: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Random inputs for any client graph: token ids, a right-padded mask, LoRA tensors, grads."""
+    rng = np.random.default_rng(0)
+    mask = np.ones((BATCH, SEQ), np.int64)
+    mask[1, SEQ - 3:] = 0
+    ids = rng.integers(0, VOCAB, (BATCH, SEQ))
+    known = {"input_ids": ids, "labels": ids, "attention_mask": mask}
+    feed = {}
+    for i in sess.get_inputs():
+        if i.name in known:
+            feed[i.name] = known[i.name]
+        else:  # LoRA tensors (r, in) / (out, r), activations and their gradients (B, T, H)
+            shape = [BATCH, SEQ, HIDDEN] if i.name in ("hidden", "grad_hidden") else i.shape
+            feed[i.name] = rng.standard_normal(shape).astype(np.float32) * 0.1
+    return feed
+
+
+def sessions(folder: Path, graph: str, preset: str) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+    """(fp32, quantized) sessions of one graph."""
+    return session(folder / f"{graph}.onnx"), session(folder / f"{graph}.{preset}.onnx")
+
+
+def run_both(folder: Path, graph: str, preset: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    ref, quant = sessions(folder, graph, preset)
+    feed = feed_for(ref)
+    return ref.run(None, feed), quant.run(None, feed)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine along the last axis."""
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the initializers, once each Transpose(W) is its own initializer as it is quantized."""
+    model = onnx.load(path)
+    prepare_weights(model.graph)
+    drop_unused_initializers(model.graph)
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_every_constant_weight_gets_a_quantized_op(graphs, family, preset):
+    for graph in GRAPHS:
+        model = onnx.load(graphs[family] / f"{graph}.{preset}.onnx")
+        inits = {t.name: t for t in model.graph.initializer}
+        ops = {n.op_type for n in model.graph.node}
+        assert MATMUL_OP[preset] in ops, graph
+        assert graph == "tail" or EMBEDDING_OP[preset] in ops, graph
+        float_weights = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Gather")
+                         and any(x in inits and inits[x].data_type == TensorProto.FLOAT
+                                 and len(inits[x].dims) == 2 for x in n.input)]
+        assert float_weights == [], f"{graph}: float weights left on {float_weights}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_inputs_and_outputs_stay_float_and_unchanged(graphs, family, preset):
+    def signature(values) -> list[tuple]:
+        return [(v.name, v.type, v.shape) for v in values]
+
+    for graph in GRAPHS:
+        ref, quant = sessions(graphs[family], graph, preset)
+        assert signature(quant.get_inputs()) == signature(ref.get_inputs())
+        assert signature(quant.get_outputs()) == signature(ref.get_outputs())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_head_output_stays_close_to_fp32(graphs, family, preset):
+    (ref,), (quant,) = run_both(graphs[family], "head", preset)
+    per_token = cosine(ref, quant)  # (B, T)
+    assert per_token.min() >= MIN_HEAD_COSINE[preset], per_token.min()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_lora_gradients_point_the_same_way_as_fp32(graphs, family, preset):
+    ref, quant = run_both(graphs[family], "head_grad", preset)
+    for r, q in zip(ref, quant):
+        assert np.abs(r).max() > 0
+        assert cosine(r.ravel(), q.ravel()) > 0.9
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_tail_loss_and_gradient_stay_close_to_fp32(graphs, family, preset):
+    (ref_loss, ref_grad), (loss, grad) = run_both(graphs[family], "tail", preset)
+    assert abs(loss - ref_loss) < 0.01 * abs(ref_loss)
+    assert cosine(ref_grad.ravel(), grad.ravel()) > 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_weights_shrink_by_the_expected_factor(graphs, family, preset):
+    for graph in GRAPHS:
+        fp32, quant = graphs[family] / f"{graph}.onnx", graphs[family] / f"{graph}.{preset}.onnx"
+        assert weight_bytes(quant) <= MAX_WEIGHT_RATIO[preset] * weight_bytes(fp32), graph
+        assert quant.stat().st_size < fp32.stat().st_size
+
+
+def test_fp32_preset_copies_the_graph(graphs):
+    folder = graphs["llama"]
+    for graph in GRAPHS:
+        assert (folder / f"{graph}.fp32.onnx").read_bytes() == (folder / f"{graph}.onnx").read_bytes()
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="unknown quant preset 'q3'"):
+        quantize_graph(tmp_path / "head.onnx", tmp_path / "out.onnx", preset="q3")
+
+
+def shared_weight_graph(path: Path) -> None:
+    """One (64, 64) table read five ways: x @ W, relu(x) @ W, x @ Transpose(W), and two Gathers."""
+    w = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y1"]),
+             helper.make_node("Relu", ["x"], ["rx"]),
+             helper.make_node("MatMul", ["rx", "w"], ["y2"]),
+             helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["y3"]),
+             helper.make_node("Gather", ["w", "ids"], ["y4"]),
+             helper.make_node("Gather", ["w", "ids"], ["y5"])]
+    floats = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", 64])  # noqa: E731
+    inputs = [floats("x"), helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])]
+    graph = helper.make_graph(nodes, "shared", inputs, [floats(f"y{i}") for i in range(1, 6)],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_a_weight_shared_by_matmuls_and_gathers_is_quantized_per_layout(tmp_path, preset):
+    shared_weight_graph(tmp_path / "shared.onnx")
+    quantize_graph(tmp_path / "shared.onnx", tmp_path / "q.onnx", preset=preset)
+    model = onnx.load(tmp_path / "q.onnx")
+    onnx.checker.check_model(model)
+    names = [t.name for t in model.graph.initializer]
+    assert len(names) == len(set(names))
+    assert not {"MatMul", "Transpose"} & {n.op_type for n in model.graph.node}
+    # three copies at <= 8 bits plus scales: W and W.T for the MatMuls, W for the two Gathers
+    assert sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer) < 3 * 64 * 64 * 1.25
+    rng = np.random.default_rng(2)
+    feed = {"x": rng.standard_normal((5, 64)).astype(np.float32), "ids": np.array([0, 3, 3, 63, 7])}
+    refs, quants = session(tmp_path / "shared.onnx").run(None, feed), session(tmp_path / "q.onnx").run(None, feed)
+    for ref, quant in zip(refs, quants):
+        assert cosine(ref, quant).min() > 0.99
