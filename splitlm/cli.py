@@ -74,6 +74,16 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                                             for k, v in summary.items()))
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from splitlm.cloud_server.evaluate import evaluate
+
+    result = evaluate(args.model, args.data, adapter=args.adapter, seq_len=args.seq_len,
+                      batch_size=args.batch_size, max_examples=args.max_examples)
+    print(json.dumps(result.as_dict()) if args.json else result.line())
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from splitlm.demo import DemoConfig, default_workdir, run_demo
 
@@ -149,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     p.add_argument("--metrics-out", help="one JSON object per step")
     p.set_defaults(run=_cmd_edge)
+
+    p = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ PEFT adapter) on data")
+    p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
+    p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUT/round-0003/adapter")
+    p.add_argument("--data", required=True, help=".txt, or .jsonl of {text} or {prompt, completion}")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a line")
+    p.set_defaults(run=_cmd_eval)
 
     p = sub.add_parser("demo", help="default model, a q4 bundle, a server and two edge clients on 127.0.0.1")
     p.add_argument("--steps", type=int, default=20, help="steps per client")
