@@ -24,6 +24,8 @@ from splitlm.export.graphs import causal_lm_loss
 from splitlm.manifest import model_folder_hash
 from splitlm.protocol import Hello
 
+from .state import StateError
+
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])\.default\.weight$")
 
 
@@ -137,6 +139,35 @@ class Body:
             for name, value in tensors.items():
                 module, _, which = name.rpartition(".")
                 params[f"base_model.model.{module}.{which}.default.weight"].copy_(torch.from_numpy(np.asarray(value)))
+
+    # ------------------------------------------------------------------ resumable state
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What training changes: `body.<param>` for each trained parameter and
+        `adam.<param>.{step,exp_avg,exp_avg_sq}` for AdamW's state (absent before the first step)."""
+        names = self._trained_names()
+        out = {f"body.{n}": p.detach().clone() for n, p in zip(names, self.optimizer.param_groups[0]["params"])}
+        for i, per_param in self.optimizer.state_dict()["state"].items():
+            out |= {f"adam.{names[i]}.{k}": torch.as_tensor(v).detach().clone() for k, v in per_param.items()}
+        return out
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Undo everything since `training_state()` was taken (the learning rate is this run's)."""
+        names = self._trained_names()
+        want = {f"body.{n}" for n in names}
+        if not want <= tensors.keys():
+            raise StateError(f"server state: no saved value for trained parameters {sorted(want - tensors.keys())[:3]}")
+        with torch.no_grad():
+            for n, p in zip(names, self.optimizer.param_groups[0]["params"]):
+                p.copy_(tensors[f"body.{n}"])
+        state = {i: {k: tensors[f"adam.{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+                 for i, n in enumerate(names) if f"adam.{n}.step" in tensors}
+        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+
+    def _trained_names(self) -> list[str]:
+        """The names of the optimizer's parameters, in its order."""
+        by_id = {id(p): n for n, p in self.peft.named_parameters()}
+        return [by_id[id(p)] for p in self.optimizer.param_groups[0]["params"]]
 
     def save_adapter(self, folder: Path) -> None:
         """One PEFT adapter for the whole model: PeftModel.from_pretrained(base, folder) loads it."""

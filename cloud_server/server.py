@@ -7,8 +7,14 @@ happen one at a time in arrival order. A U-shape step holds the body from `forwa
 mid-step loses that step, releases the body, and nobody else is disturbed.
 
 Rounds (SplitFed): after R steps each client sends `adapter`; the round closes when every
-connected client has reported or the deadline passes; the sample-weighted mean goes back to
-the reporters as `adapter_global`, and the round's results are written under `out`.
+connected client (and each one whose link dropped, until it is back) has reported or the deadline
+passes; the sample-weighted mean goes back to the reporters as `adapter_global`, and the round's
+results are written under `out`.
+
+Restarts (see `state`): with `save_state` the whole server state goes to OUT/server-state.safetensors
+at every round end and on a clean shutdown, and `restore` continues from it. Progress is kept per
+client_id, so a client that reconnects (hello.resume_step = the step it runs next) goes on where it
+was: the same step, its lost backward re-sent, or back to the round end the server restarted from.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from splitlm.protocol import (Adapter, AdapterGlobal, Backward, Bye, Error, Forw
 
 from .aggregate import weighted_average
 from .body import Body, PendingStep
+from .state import STATE_FILE, Progress, Resume, ServerState, StateError, save_state, server_resume
 
 HANDSHAKE_TIMEOUT_S = 30.0
 
@@ -50,18 +57,21 @@ class ServeConfig:
     round_deadline_s: float = 300.0  # a round closes this long after its first report
     step_timeout_s: float = 120.0    # how long a U-shape step may wait for the client's tail_grad
     out: Path | None = None
+    save_state: bool = False         # write OUT/server-state.safetensors at round ends and on shutdown
 
 
 @dataclass
 class Client:
+    """One connection. Its `progress` is the client_id's, shared with its earlier connections."""
     session_id: str
     client_id: str
     ws: ServerConnection
     n_samples: int
-    step: int = 0                               # the next step this client must send
+    progress: Progress
     pending: tuple[int, PendingStep] | None = None
-    losses: list[float] = field(default_factory=list)
     seq: itertools.count = field(default_factory=itertools.count)
+    said_bye: bool = False
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set once dropped
 
 
 def frame_limit(cfg: ServeConfig, hidden_size: int) -> int:
@@ -75,11 +85,14 @@ class SplitServer:
         self.body, self.cfg, self.log = body, cfg, log
         self.limits = Limits(max_frame_bytes=frame_limit(cfg, body.hidden_size), hidden_size=body.hidden_size,
                              max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len)
-        self.clients: dict[str, Client] = {}
+        self.clients: dict[str, Client] = {}         # by session_id: the open connections
+        self.progress: dict[str, Progress] = {}      # by client_id
         self.round = 0
         self.global_step = 0
         self.global_head: dict[str, np.ndarray] = {}
-        self.reports: dict[str, tuple[dict[str, np.ndarray], int]] = {}
+        self.reports: dict[str, tuple[dict[str, np.ndarray], int]] = {}  # by client_id
+        self.awaited: set[str] = set()  # gone without bye, or restored: the open round waits for them
+        self.stopping = False
         self._head_shapes = {n: v.shape for n, v in body.lora_tensors(head=True).items()}
         self._deadline: asyncio.Task | None = None
         self._body_lock = asyncio.Lock()
@@ -107,10 +120,11 @@ class SplitServer:
                     await self.send(client, reply)
         except (ConnectionClosed, asyncio.TimeoutError) as e:
             reason = "stalled mid-step" if isinstance(e, asyncio.TimeoutError) else "disconnected"
-            self.log(f"client {client.client_id}: {reason} at step {client.step}")
+            self.log(f"client {client.client_id}: {reason} at step {client.progress.step}")
         finally:
             await ws.close()
             await self._drop(client)
+            client.gone.set()
 
     async def send(self, client: Client, msg) -> None:
         try:
@@ -145,17 +159,40 @@ class SplitServer:
             return None
         except (ConnectionClosed, asyncio.TimeoutError):
             return None
+        if hello.resume_step is not None:
+            await self._replace_session(hello.client_id)  # its old connection may not have noticed the drop
         if len(self.clients) >= self.cfg.max_clients:
             await self._refuse(ws, "server_full", f"server full: {self.cfg.max_clients} clients already training")
             return None
-        client = Client(uuid.uuid4().hex[:12], hello.client_id, ws, hello.n_samples)
+        progress = self.progress.get(hello.client_id) if hello.resume_step is not None else None
+        progress = progress or Progress()
+        last = progress.last_backward
+        try:
+            plan = server_resume(server_next=progress.step, client_next=hello.resume_step,
+                                 cached_step=None if last is None else last.step)
+        except StateError as e:
+            await self._refuse(ws, "bad_message", str(e))
+            return None
+        self.progress[hello.client_id] = progress
+        client = Client(uuid.uuid4().hex[:12], hello.client_id, ws, hello.n_samples, progress)
         self.clients[client.session_id] = client
-        self.log(f"client {client.client_id} joined ({hello.n_samples} samples), round {self.round}")
+        self.log(f"client {client.client_id} joined ({hello.n_samples} samples), round {self.round}, "
+                 f"step {progress.step} ({plan.value}, it said {hello.resume_step})")
         await self.send(client, Welcome(session_id=client.session_id, codec=self.cfg.codec,
                                         steps_per_round=self.cfg.steps_per_round, round=self.round,
-                                        step=client.step, max_frame_bytes=self.limits.max_frame_bytes,
+                                        step=progress.step, max_frame_bytes=self.limits.max_frame_bytes,
                                         head_adapter=self.global_head))
+        if plan is Resume.RESEND:
+            await self.send(client, last)
         return client
+
+    async def _replace_session(self, client_id: str) -> None:
+        """Close `client_id`'s open connection and wait until its handler has finished (a body step
+        in flight completes and counts), so the resume decision sees its final step counter."""
+        for old in [c for c in self.clients.values() if c.client_id == client_id]:
+            self.log(f"client {client_id}: reconnected; closing its old connection")
+            await old.ws.close(1001, "replaced by a new connection")
+            await old.gone.wait()
 
     def _check_hello(self, hello) -> None:
         if not isinstance(hello, Hello):
@@ -175,8 +212,8 @@ class SplitServer:
     # ------------------------------------------------------------------ training steps
 
     async def on_forward(self, client: Client, msg: Forward) -> list:
-        if msg.step != client.step or client.pending:
-            return [Error(code="bad_message", message=f"forward.step: expected {client.step}, got {msg.step}")]
+        if msg.step != client.progress.step or client.pending:
+            return [Error(code="bad_message", message=f"forward.step: expected {client.progress.step}, got {msg.step}")]
         wants_labels = self.body.cfg.labels == "server"
         if wants_labels != (msg.labels is not None):
             where = "at the server: forward must carry them" if wants_labels else "on the device: forward must not carry them"
@@ -209,27 +246,37 @@ class SplitServer:
         return [self._finish_step(client, msg.loss, grad)]
 
     def _finish_step(self, client: Client, loss: float, grad: np.ndarray) -> Backward:
-        step = client.step
-        client.step += 1
-        client.losses.append(loss)
+        progress = client.progress
+        step = progress.step
+        progress.step += 1
+        progress.losses.append(loss)
+        progress.last_backward = Backward(step=step, grad=grad, loss=loss)  # re-sent if it gets lost
         self.global_step += 1
         self.log(f"step {self.global_step:5d}  client {client.client_id}  step {step:4d}  loss {loss:.4f}")
-        return Backward(step=step, grad=grad, loss=loss)
+        return progress.last_backward
 
     # ------------------------------------------------------------------ rounds
 
     async def on_adapter(self, client: Client, msg: Adapter) -> list:
+        if client.pending is not None:
+            return [Error(code="bad_message", message=f"adapter: expected tail_grad for step {client.pending[0]} first")]
         if msg.round != self.round:  # late for a closed round: hand it the current average
             return [AdapterGlobal(round=self.round, tensors=self.global_head)]
         shapes = {n: t.shape for n, t in msg.tensors.items()}
         if shapes != self._head_shapes:
             return [Error(code="bad_message", message=f"adapter.tensors: expected {self._head_shapes}, got {shapes}")]
-        self.reports[client.session_id] = ({n: np.array(t) for n, t in msg.tensors.items()}, msg.n_samples)
-        if self.reports.keys() >= self.clients.keys():
+        self.reports[client.client_id] = ({n: np.array(t) for n, t in msg.tensors.items()}, msg.n_samples)
+        if self._all_reported():
             await self.close_round()
         elif self._deadline is None:
             self._deadline = asyncio.create_task(self._close_at_deadline(self.round))
         return []
+
+    def _all_reported(self) -> bool:
+        """Every connected client, and every one gone without bye or restored and not back yet,
+        has reported this round (or the deadline closes it)."""
+        expected = {c.client_id for c in self.clients.values()} | self.awaited
+        return bool(self.reports) and self.reports.keys() >= expected
 
     async def _close_at_deadline(self, round_: int) -> None:
         await asyncio.sleep(self.cfg.round_deadline_s)
@@ -242,32 +289,37 @@ class SplitServer:
         if self._deadline is not None and self._deadline is not asyncio.current_task():
             self._deadline.cancel()
         self._deadline = None
-        reports, self.reports = self.reports, {}
+        reports, self.reports, self.awaited = self.reports, {}, set()
         self.global_head = weighted_average(list(reports.values()))
         finished, self.round = self.round, self.round + 1
         metrics = self._round_metrics(finished, reports)
-        await self._run(self._write_round, finished, metrics)
+        async with self._body_lock:  # no step in flight: body and counters in the state agree
+            await self._run(self._write_round, finished, metrics, self._state())
         self.log(f"round {finished} closed: {len(reports)} clients, {metrics['samples']} samples, "
                  f"mean loss {metrics['mean_loss']:.4f}")
-        for sid in reports:
-            if sid in self.clients:
-                await self.send(self.clients[sid], AdapterGlobal(round=self.round, tensors=self.global_head))
+        for client in list(self.clients.values()):
+            if client.client_id in reports:
+                try:
+                    await self.send(client, AdapterGlobal(round=self.round, tensors=self.global_head))
+                except ConnectionClosed:
+                    pass  # it gets the average when it reconnects and reports again
 
     def _round_metrics(self, round_: int, reports: dict) -> dict:
         per_client = {}
-        for sid in reports:
-            client = self.clients.get(sid)
-            if client is not None:
-                recent = client.losses[-self.cfg.steps_per_round:]
-                per_client[client.client_id] = {"steps": client.step, "mean_loss": float(np.mean(recent))}
-                client.losses.clear()
+        for cid in reports:
+            progress = self.progress.get(cid)
+            if progress is not None and progress.losses:
+                recent = progress.losses[-self.cfg.steps_per_round:]
+                per_client[cid] = {"steps": progress.step, "mean_loss": float(np.mean(recent))}
+                progress.losses.clear()
         losses = [c["mean_loss"] for c in per_client.values()]
         return {"round": round_, "global_step": self.global_step, "clients": per_client, "time": time.time(),
                 "samples": int(sum(n for _, n in reports.values())),
                 "mean_loss": float(np.mean(losses)) if losses else float("nan")}
 
-    def _write_round(self, round_: int, metrics: dict) -> None:
-        """round-NNNN/{adapter/, head_adapter.npz, metrics.json}, written whole or not at all."""
+    def _write_round(self, round_: int, metrics: dict, state: ServerState) -> None:
+        """round-NNNN/{adapter/, head_adapter.npz, metrics.json}, written whole or not at all;
+        then the server state (on the body's thread: nothing moves the body meanwhile)."""
         self.body.set_head_adapter(self.global_head)
         if self.cfg.out is None:
             return
@@ -279,10 +331,67 @@ class SplitServer:
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
+        self._write_state(state)
+
+    # ------------------------------------------------------------------ state (see `state`)
+
+    @property
+    def state_path(self) -> Path | None:
+        return self.cfg.out / STATE_FILE if self.cfg.out is not None else None
+
+    def state_config(self) -> dict:
+        """What a saved state must have been saved with to be resumed here."""
+        b = self.body.cfg
+        return {"model_hash": self.body.model_hash, "cut": b.cut, "labels": b.labels, "lora_rank": b.lora_rank,
+                "lora_alpha": float(b.lora_alpha), "lora_targets": list(self.body.targets), "full": b.full,
+                "steps_per_round": self.cfg.steps_per_round}
+
+    def _state(self) -> ServerState:
+        """The counters, reports and adapters now (the body's tensors are added on its thread)."""
+        progress = {cid: Progress(p.step, list(p.losses), p.last_backward) for cid, p in self.progress.items()}
+        return ServerState(config=self.state_config(), round=self.round, global_step=self.global_step,
+                           global_head=dict(self.global_head), progress=progress, reports=dict(self.reports),
+                           awaited=self.awaited | {c.client_id for c in self.clients.values()})
+
+    def _write_state(self, state: ServerState) -> None:
+        if self.cfg.save_state and self.state_path is not None:
+            state.body = self.body.training_state()
+            save_state(self.state_path, state)
+
+    def begin_stop(self) -> None:
+        """Before a clean shutdown drops everyone: those connected now are awaited by the saved
+        round, and their leaving does not close it."""
+        self.stopping = True
+        self.awaited |= {c.client_id for c in self.clients.values()}
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    async def save_state(self) -> None:
+        """Write the state now (a clean shutdown), once no body step is in flight."""
+        async with self._body_lock:
+            await self._run(self._write_state, self._state())
+
+    def restore(self, state: ServerState) -> None:
+        """Continue from `state` (loaded with `state.load_state(path, config=self.state_config())`)."""
+        self.body.load_training_state(state.body)
+        self.global_head = state.global_head
+        if self.global_head:
+            self.body.set_head_adapter(self.global_head)
+        self.round, self.global_step = state.round, state.global_step
+        self.progress, self.reports, self.awaited = state.progress, state.reports, state.awaited
+        self.log(f"resumed: round {self.round}, {self.global_step} steps, clients "
+                 + ", ".join(f"{cid} at step {p.step}" for cid, p in sorted(self.progress.items()))
+                 + f"; {len(self.reports)} reported this round")
+
+    def start_restored_deadline(self) -> None:
+        """A restored round that already has reports closes at the deadline even if nobody returns."""
+        if self.reports and self._deadline is None:
+            self._deadline = asyncio.create_task(self._close_at_deadline(self.round))
 
     # ------------------------------------------------------------------ leaving
 
     async def on_bye(self, client: Client, msg: Bye) -> list:
+        client.said_bye = True
         await client.ws.close(1000, "bye")
         return []
 
@@ -292,8 +401,10 @@ class SplitServer:
         if client.pending is not None:  # the step never completed: the body was not touched
             client.pending = None
             self._body_lock.release()
-        self.log(f"client {client.client_id} left after {client.step} steps")
-        if self.reports and self.reports.keys() >= self.clients.keys():
+        self.log(f"client {client.client_id} left after {client.progress.step} steps")
+        if not client.said_bye and not self.stopping:  # a lost link: it may be back before the deadline
+            self.awaited.add(client.client_id)
+        if not self.stopping and self._all_reported():
             await self.close_round()
 
 
@@ -309,5 +420,8 @@ async def serve_until_stopped(server: SplitServer) -> None:
         host, port = next(iter(ws_server.sockets)).getsockname()[:2]
         server.log(f"listening on ws://{host}:{port}  (model {server.body.path.name}, cut {server.body.cfg.cut}, "
                    f"labels at the {server.body.cfg.labels}, wire {server.cfg.codec})")
+        server.start_restored_deadline()
         await stop.wait()
+        server.begin_stop()
+    await server.save_state()  # every connection handler has returned: no step is in flight
     server.log(f"stopped after {server.global_step} steps, round {server.round}")

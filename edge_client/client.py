@@ -6,17 +6,26 @@ One step, labels on the device (U-shape: no token id or label leaves the device)
     head.onnx -> forward{h_K, mask} -> hidden{h_N} -> tail.onnx -> tail_grad{dL/dh_N, loss}
               -> backward{dL/dh_K} -> head_grad.onnx -> AdamW
 Every R steps: adapter{round, lora, n_samples} -> adapter_global{round, averaged lora}.
+
+When the link drops the client reconnects (backoff 0.5 s doubling to 8 s, `reconnect_tries` in a
+row) and says in hello.resume_step which step it runs next; welcome.step is the server's answer and
+`state.client_resume` what follows (go on / apply the re-sent backward / rewind to the round end).
+With `state` set, everything training changes is saved after every step, so `resume` goes on after
+the process itself died.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from splitlm.errors import SplitLMError
 from splitlm.manifest import Bundle
@@ -27,6 +36,7 @@ from .data import Dataset
 from .meter import Meter
 from .optim import AdamW
 from .runtime import HeadRuntime
+from .state import EdgeState, Position, Resume, StateError, client_resume, load_state, save_state
 
 
 @dataclass(frozen=True)
@@ -44,10 +54,22 @@ class EdgeConfig:
     metrics_out: Path | None = None
     threads: int = 0                # onnxruntime intra-op threads; 0 = its default
     progress: bool | None = None    # None: a bar when stderr is a terminal
+    state: Path | None = None       # training state file, rewritten after every step; None: none
+    resume: bool = False            # continue from `state`
+    reconnect_tries: int = 8        # reconnects in a row before giving up (0.5 s doubling to 8 s apart)
 
 
 class ServerError(SplitLMError):
     """The server answered with an `error` message."""
+
+
+class LinkLost(SplitLMError):
+    """The server stayed unreachable through every reconnect try."""
+
+
+def backoff_s(failures: int) -> float:
+    """Seconds before reconnect try `failures` (1, 2, ...): 0.5, 1, 2, 4, 8, 8, ..."""
+    return min(0.5 * 2 ** (failures - 1), 8.0)
 
 
 class EdgeClient:
@@ -68,6 +90,43 @@ class EdgeClient:
         self._seq = itertools.count()
         self.codec = "f32"
         self.round = 0
+        self.step = 0                   # the next step to run
+        self.steps_per_round = 0        # from the server's welcome
+        self.exchange_due = False       # the last step closed a round; its adapter exchange is still to do
+        self.last_loss = math.nan
+        self.snapshot: Position | None = None  # at the last round end; None until the first welcome
+        if cfg.resume:
+            self._load()
+
+    # ------------------------------------------------------------------ state
+
+    def _meta(self) -> dict:
+        m = self.bundle.manifest
+        return {"client_id": self.cfg.client_id, "model_hash": m.model.hash, "cut": m.cut, "labels": m.labels,
+                "seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "n_samples": self.data.n_samples}
+
+    def _position(self) -> Position:
+        return Position(self.step, self.round, self.exchange_due, self.last_loss,
+                        {n: a.copy() for n, a in self.lora.items()}, self.optim.state_dict())
+
+    def _restore(self, pos: Position) -> None:
+        pos = pos.copy()
+        self.step, self.round, self.exchange_due, self.last_loss = pos.step, pos.round, pos.exchange_due, pos.loss
+        self.lora = {n: np.asarray(pos.lora[n], np.float32) for n in self.lora}
+        self.optim.load_state_dict(pos.optim)
+
+    def _save(self) -> None:
+        if self.cfg.state is not None:
+            save_state(self.cfg.state, EdgeState(self._meta(), self._position(), self.snapshot))
+
+    def _load(self) -> None:
+        if self.cfg.state is None:
+            raise StateError("--resume needs --state FILE")
+        state = load_state(self.cfg.state, meta=self._meta())
+        self._restore(state.now)
+        self.snapshot = state.snapshot
+        print(f"{self.cfg.client_id}: resuming from {self.cfg.state} at step {self.step}, round {self.round}",
+              file=sys.stderr)
 
     # ------------------------------------------------------------------ wire
 
@@ -88,17 +147,41 @@ class EdgeClient:
         return msg
 
     async def _hello(self, ws: ClientConnection) -> Welcome:
+        """Join, fresh or resuming, and leave client and server at the same step."""
         m = self.bundle.manifest
+        resuming = self.snapshot is not None
         await self._send(ws, Hello(client_id=self.cfg.client_id, model_hash=m.model.hash, cut=m.cut,
                                    labels=m.labels, lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
                                    lora_targets=m.lora.targets, codecs=FLOAT_CODECS,
-                                   n_samples=self.data.n_samples, resume_step=None))
+                                   n_samples=self.data.n_samples, resume_step=self.step if resuming else None))
         welcome = await self._recv(ws, Welcome)
-        self.codec, self.round = welcome.codec, welcome.round
+        self.codec, self.steps_per_round = welcome.codec, welcome.steps_per_round
         self.limits = Limits(max_frame_bytes=welcome.max_frame_bytes, hidden_size=m.model.hidden_size)
+        if not resuming:
+            await self._start(welcome)
+        else:
+            await self._resume(ws, welcome)
+        return welcome
+
+    async def _start(self, welcome: Welcome) -> None:
+        self.step, self.round = welcome.step, welcome.round
         if welcome.head_adapter:
             self._adopt(welcome.head_adapter)
-        return welcome
+        self.snapshot = self._position()  # where a server that restarts from scratch sends us back to
+        self._save()
+
+    async def _resume(self, ws: ClientConnection, welcome: Welcome) -> None:
+        action = client_resume(client_next=self.step, server_next=welcome.step, snapshot_step=self.snapshot.step)
+        if action is not Resume.GO_ON:
+            print(f"{self.cfg.client_id}: at step {self.step}, the server at {welcome.step}: {action.value}",
+                  file=sys.stderr)
+        if action is Resume.REWIND:
+            self._restore(self.snapshot)
+            self._save()
+        elif action is Resume.APPLY_RESENT:  # the batch is a function of the step; the LoRA did not move
+            backward = await self._recv(ws, Backward)
+            self._apply(self.data.batch(self.step), backward)
+            self._advance(float(backward.loss))
 
     def _adopt(self, tensors: dict[str, np.ndarray]) -> None:
         self.lora = {name: np.array(tensors[name], np.float32) for name in self.lora}
@@ -106,6 +189,7 @@ class EdgeClient:
     # ------------------------------------------------------------------ training
 
     async def train_step(self, ws: ClientConnection, step: int) -> float:
+        """One step, up to the optimizer's update; returns the loss."""
         batch = self.data.batch(step)  # input_ids, attention_mask, labels: (B, T)
         on_device = self.bundle.manifest.labels == "device"
         with self.meter.compute():
@@ -119,34 +203,88 @@ class EdgeClient:
                 loss, grad_n = self.runtime.tail(hidden.hidden, batch.labels, batch.attention_mask)
             await self._send(ws, TailGrad(step=step, grad=grad_n, loss=float(loss)))
         backward = await self._recv(ws, Backward)
+        self._apply(batch, backward)
+        return float(backward.loss)
+
+    def _apply(self, batch, backward: Backward) -> None:
+        """dL/dh_K -> LoRA gradients -> AdamW. No await inside: a dropped link never splits it."""
+        if backward.step != self.step:
+            raise ServerError(f"backward.step: expected {self.step}, got {backward.step}")
         with self.meter.compute():
             grads = self.runtime.lora_grads(batch.input_ids, batch.attention_mask, backward.grad, self.lora)
             self.optim.step(self.lora, grads)
-        return float(backward.loss)
+
+    def _advance(self, loss: float) -> None:
+        """Step done: count it, save, and record it unless the round exchange it opened is still to do."""
+        self.step += 1
+        self.last_loss = loss
+        self.exchange_due = self.step % self.steps_per_round == 0
+        self._save()
+        if not self.exchange_due:
+            self.meter.end_step(step=self.step - 1, loss=loss)
 
     async def end_round(self, ws: ClientConnection) -> None:
         await self._send(ws, Adapter(round=self.round, tensors=self.lora, n_samples=self.data.n_samples))
         reply = await self._recv(ws, AdapterGlobal)
         self._adopt(reply.tensors)
-        self.round = reply.round
+        self.round, self.exchange_due = reply.round, False
+        self.snapshot = self._position()
+        self._save()
+        self.meter.end_step(step=self.step - 1, loss=self.last_loss)  # its bytes count in the closing step
+
+    async def _session(self, ws: ClientConnection) -> None:
+        await self._hello(ws)
+        self._failures = 0
+        bar = self._progress()
+        while True:
+            if self.exchange_due:
+                await self.end_round(ws)
+            if self.step >= self.total_steps:
+                break
+            self._advance(await self.train_step(ws, self.step))
+            bar.update(self.step)
+        bar.close()
+        await self._send(ws, Bye(reason="done"))
 
     async def run(self) -> dict:
-        async with connect(self.cfg.url, max_size=None, compression=None, ping_interval=20,
-                           ping_timeout=120) as ws:
-            welcome = await self._hello(ws)
-            steps = range(welcome.step, self.total_steps)
-            for step in self._progress(steps):
-                loss = await self.train_step(ws, step)
-                if (step + 1) % welcome.steps_per_round == 0:
-                    await self.end_round(ws)  # its bytes count in the step that closes the round
-                self.meter.end_step(step=step, loss=loss)
-            await self._send(ws, Bye(reason="done"))
-        return self.meter.summary()
+        """Train to the last step, reconnecting when the link drops; the meter's summary."""
+        self._failures = 0
+        while True:
+            try:
+                async with connect(self.cfg.url, max_size=None, compression=None, ping_interval=20,
+                                   ping_timeout=120) as ws:
+                    await self._session(ws)
+                return self.meter.summary()
+            except (ConnectionClosed, InvalidHandshake, OSError) as e:  # OSError: refused, timed out
+                self._failures += 1
+                if self._failures > self.cfg.reconnect_tries:
+                    raise LinkLost(f"lost the server at {self.cfg.url} at step {self.step} "
+                                   f"({type(e).__name__}: {e}); gave up after {self.cfg.reconnect_tries} "
+                                   "reconnect tries") from e
+                delay = backoff_s(self._failures)
+                print(f"{self.cfg.client_id}: link lost at step {self.step} ({type(e).__name__}); reconnecting in "
+                      f"{delay:g} s (try {self._failures}/{self.cfg.reconnect_tries})", file=sys.stderr, flush=True)
+                await asyncio.sleep(delay)
 
-    def _progress(self, steps):
+    def _progress(self) -> "_Bar":
         show = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
         if not show:
-            return steps
+            return _Bar()
         from tqdm import tqdm
 
-        return tqdm(steps, desc=f"{self.cfg.client_id}", unit="step")
+        return _Bar(tqdm(total=self.total_steps, initial=self.step, desc=f"{self.cfg.client_id}", unit="step"))
+
+
+class _Bar:
+    """A tqdm bar set to an absolute step, or nothing."""
+
+    def __init__(self, bar=None):
+        self.bar = bar
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

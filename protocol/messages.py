@@ -58,7 +58,7 @@ class Hello(_Message):
     lora_targets: tuple[str, ...]   # module names, e.g. ("q_proj", "v_proj")
     codecs: tuple[str, ...]         # codecs the client can decode
     n_samples: int                  # training examples it holds (FedAvg weight)
-    resume_step: int | None         # last step it finished, to resume; None: fresh
+    resume_step: int | None         # the next step it will run, to resume; None: fresh
 
 
 @_message("welcome", session_id=v.text, codec=v.one_of(*FLOAT_CODECS),

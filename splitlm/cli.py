@@ -46,7 +46,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     from splitlm.cloud_server.body import Body, BodyConfig
     from splitlm.cloud_server.server import ServeConfig, SplitServer, serve_until_stopped
+    from splitlm.cloud_server.state import STATE_FILE, load_state
 
+    out = Path(args.out) if args.out else None
+    if args.resume and (out is None or not (out / STATE_FILE).is_file()):  # say so before loading the model
+        where = "no --out given" if out is None else f"no {STATE_FILE} in {out}"
+        raise SplitLMError(f"--resume: {where}; the state is written under --out at each round end and on shutdown")
     if args.threads > 0:
         import torch
 
@@ -56,8 +61,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                            lr=args.lr, full=args.full, seed=args.seed))
     cfg = ServeConfig(host=args.host, port=args.port, steps_per_round=args.steps_per_round, codec=args.wire,
                       max_clients=args.max_clients, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                      round_deadline_s=args.round_deadline, out=Path(args.out) if args.out else None)
-    asyncio.run(serve_until_stopped(SplitServer(body, cfg, log=lambda line: print(line, flush=True))))
+                      round_deadline_s=args.round_deadline, out=out, save_state=out is not None)
+    server = SplitServer(body, cfg, log=lambda line: print(line, flush=True))
+    if args.resume:
+        server.restore(load_state(server.state_path, config=server.state_config()))
+    asyncio.run(serve_until_stopped(server))
 
 
 def _cmd_edge(args: argparse.Namespace) -> None:
@@ -65,10 +73,14 @@ def _cmd_edge(args: argparse.Namespace) -> None:
 
     from splitlm.edge_client.client import EdgeClient, EdgeConfig
 
+    if args.resume and not args.state:
+        raise SplitLMError("--resume needs --state FILE: the state to continue from")
     cfg = EdgeConfig(url=args.url, bundle=Path(args.bundle), data=Path(args.data), steps=args.steps,
                      epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      seed=args.seed, client_id=args.client_id, threads=args.threads,
-                     metrics_out=Path(args.metrics_out) if args.metrics_out else None)
+                     metrics_out=Path(args.metrics_out) if args.metrics_out else None,
+                     state=Path(args.state) if args.state else None, resume=args.resume,
+                     reconnect_tries=args.reconnect_tries)
     summary = asyncio.run(EdgeClient(cfg).run())
     print(f"{args.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))
@@ -138,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clients", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--out", help="folder for per-round adapters and metrics")
+    p.add_argument("--out", help="folder for per-round adapters and metrics, and the server state "
+                                 "(server-state.safetensors, written at every round end and on SIGINT/SIGTERM)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/server-state.safetensors")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default). Use 1 when clients share this host's cores: "
                         "torch's thread pool slows ~100x when its cores are contended")
@@ -158,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-id", default="edge")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     p.add_argument("--metrics-out", help="one JSON object per step")
+    p.add_argument("--state", help="training state file (LoRA, optimizer, step), rewritten after every step")
+    p.add_argument("--resume", action="store_true", help="continue from --state after this process died")
+    p.add_argument("--reconnect-tries", type=int, default=8,
+                   help="reconnects in a row before giving up when the link drops (0.5 s doubling to 8 s apart)")
     p.set_defaults(run=_cmd_edge)
 
     p = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ PEFT adapter) on data")

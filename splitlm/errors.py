@@ -6,6 +6,7 @@
      +-- BundleMismatch    a client bundle that does not match what the server serves
      +-- ExportError       a model or an option that export cannot handle
      +-- DataError         a data file that cannot be read (names the file and line)
+     +-- StateError        a state file missing, torn or from another run; a resume that cannot be
 
 Each message says what was expected and what arrived.
 """
@@ -33,3 +34,7 @@ class ExportError(SplitLMError):
 
 class DataError(SplitLMError):
     """A training data file that cannot be read."""
+
+
+class StateError(SplitLMError):
+    """A state file that is missing, unreadable or from another run; or a resume that cannot be."""
