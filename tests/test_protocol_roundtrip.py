@@ -62,7 +62,8 @@ def test_q8_error_is_within_block_max_abs_over_127(arr, block):
     flat, err = arr.reshape(-1), np.abs(out - arr).reshape(-1)
     for start in range(0, flat.size, block):
         block_max = float(np.abs(flat[start:start + block]).max())
-        assert err[start:start + block].max() <= block_max / 127 * (1 + 1e-6)
+        # below float32's smallest normal number, max/127 itself is not representable
+        assert err[start:start + block].max() <= block_max / 127 * (1 + 1e-6) + np.finfo(np.float32).tiny
 
 
 @FAST
