@@ -2,7 +2,7 @@
 
 Split: `splitlm serve` and one `splitlm edge` process on 127.0.0.1 (1 torch thread, 1 onnxruntime
 thread: the two processes share this machine's 2 cores). Centralized: the same model with PEFT
-LoRA on every block, torch AdamW, the same data order, in this process with 2 threads.
+LoRA on every block, torch AdamW, the same data order, in this process with 1 thread.
 Prints mean step times, their ratio (the overhead), and the client's compute as a share of its
 step.
 
@@ -51,7 +51,7 @@ def centralized_step_s(model: Path, bundle: Bundle, data: Dataset, steps: int) -
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 threads collapse ~100x whenever another process wants a core
     m = bundle.manifest
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model, attn_implementation="eager"),
                           LoraConfig(r=m.lora.rank, lora_alpha=m.lora.alpha, target_modules=list(m.lora.targets)))
