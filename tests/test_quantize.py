@@ -16,7 +16,8 @@ from splitlm.errors import ExportError
 from splitlm.export.arch import DEFAULT_TARGETS, Arch
 from splitlm.export.graphs import ClientGraphs, export_client_graphs
 from splitlm.export.lora import LoRAInputs, LoRASpec
-from splitlm.export.quantize import PRESETS, drop_unused_initializers, prepare_weights, quantize_graph
+from splitlm.export.quantize import (PRESETS, Q4_EMBEDDING_BLOCK, asymmetric_4bit_blocks, drop_unused_initializers,
+                                     pack_uint4, prepare_weights, quantize_graph)
 
 FAMILIES = ("llama", "gpt2")
 GRAPHS = ("head", "head_grad", "tail")
@@ -215,3 +216,49 @@ def test_a_weight_shared_by_matmuls_and_gathers_is_quantized_per_layout(tmp_path
     refs, quants = session(tmp_path / "shared.onnx").run(None, feed), session(tmp_path / "q.onnx").run(None, feed)
     for ref, quant in zip(refs, quants):
         assert cosine(ref, quant).min() > 0.99
+
+
+def test_uint4_packing_puts_the_first_value_in_the_low_nibble():
+    assert pack_uint4(np.array([[1, 2], [3, 15]])) == bytes([0x21, 0xF3])
+    assert pack_uint4(np.array([1, 2, 3])) == bytes([0x21, 0x03])  # an odd count ends in a half byte
+
+
+def test_4bit_embedding_looks_up_what_its_codes_say_and_stays_within_a_step(tmp_path):
+    """The hand-built q4 table on a tiny embedding (a ragged last block, an outlier column, a zero
+    row): onnxruntime's lookups equal (code - zero point) * scale of the codes we computed (so the
+    packing and the zero point layout are right), each value lands within a step of the float one,
+    and the table is closer to the float one than min/max round-to-nearest."""
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((9, 40)).astype(np.float32) * 0.1
+    table[:, 5] *= 8
+    table[4] = 0
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")], "embedding",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 40])],
+                              [numpy_helper.from_array(table, "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "emb.onnx")
+    quantize_graph(tmp_path / "emb.onnx", tmp_path / "q4.onnx", preset="q4")
+    model = onnx.load(tmp_path / "q4.onnx")
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized", "Cast"]
+    ids = np.array([8, 0, 4, 4, 1, 2, 3, 5, 6, 7])
+    got = session(tmp_path / "q4.onnx").run(None, {"ids": ids})[0]
+
+    codes, scales, zero_points = asymmetric_4bit_blocks(table)
+    assert codes.shape == table.shape and scales.shape == zero_points.shape == (9, 3)
+    block_of = np.arange(40) // Q4_EMBEDDING_BLOCK
+    step = scales.astype(np.float16).astype(np.float32)[:, block_of]  # float16 scales in the graph
+    expected = (codes.astype(np.float32) - zero_points[:, block_of]) * step
+    np.testing.assert_allclose(got, expected[ids], rtol=2e-3, atol=1e-6)  # float16 output, cast back
+
+    error = np.abs(expected - table)
+    assert np.all(error[4] == 0)
+    clipped = (codes == 0) | (codes == 15)  # the end codes may have cut a value short
+    assert np.all(error[~clipped] <= step[~clipped] + 1e-6)
+    assert np.all(error <= 1.5 * step + 1e-6)
+    blocks = np.pad(table, ((0, 0), (0, 8))).reshape(9, 3, Q4_EMBEDDING_BLOCK)
+    low, high = np.minimum(blocks.min(-1, keepdims=True), 0), np.maximum(blocks.max(-1, keepdims=True), 0)
+    rtn_step = np.where(high > low, (high - low) / 15, 1)
+    rtn_zero = np.round(-low / rtn_step)
+    rtn = (np.clip(np.round(blocks / rtn_step + rtn_zero), 0, 15) - rtn_zero) * rtn_step
+    assert (error ** 2).sum() < ((rtn.reshape(9, -1)[:, :40] - table) ** 2).sum()
