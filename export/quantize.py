@@ -19,11 +19,10 @@ is first put in that form:
     Transpose(W)            -> a transposed initializer   (the VJP's backward matmuls)
     Gemm(A, W, C)           -> MatMul(A, W) + C           (GPT-2's Conv1D is an addmm)
 
-The quantized embeddings (GatherBlockQuantized) are built here, both the 8-bit one of q8, which
-onnxruntime's quantizer cannot write, and the 4-bit one of q4 (see `gather_4bit` for why); the
-MatMuls are `onnxruntime.quantization`. A weight shared by several MatMuls
-(or Gathers) is stored once; a table both gathered and multiplied (a tied embedding) gets one
-quantized copy per layout.
+The MatMuls go through `onnxruntime.quantization`; the embeddings (GatherBlockQuantized) are
+built here: onnxruntime's quantizer writes no 8-bit Gather, and its 4-bit one costs q4 too much
+(see `gather_4bit`). A weight shared by several MatMuls (or Gathers) is stored once; a table both
+gathered and multiplied (a tied embedding) gets one quantized copy per layout.
 """
 
 from __future__ import annotations
@@ -178,7 +177,7 @@ def nbits8(*, accuracy_level: int | None = None) -> DefaultWeightOnlyQuantConfig
 
 def quantize_q8(model: onnx.ModelProto) -> onnx.ModelProto:
     model = matmul_nbits(model, nbits8())
-    gather_8bit(model.graph)
+    quantize_gathers(model.graph, bits=8)  # symmetric blocks of 32
     return model
 
 
@@ -223,29 +222,23 @@ def matmul_nbits(model: onnx.ModelProto, config: WeightOnlyQuantConfig,
 
 # --- the quantized embeddings -----------------------------------------------------------------------
 
-def gather_8bit(graph: onnx.GraphProto) -> None:
-    """Gather on a float table -> GatherBlockQuantized, bits=8, symmetric blocks along the last axis."""
-    quantize_gathers(graph, bits=8)
-
-
 def gather_4bit(model: onnx.ModelProto) -> None:
-    """Gather on a float table -> GatherBlockQuantized, 4-bit asymmetric blocks of 16 along the last
-    axis, with float16 scales and a Cast back to float.
+    """Gather on a float table -> GatherBlockQuantized of `asymmetric_4bit_blocks`, float16 scales,
+    then a Cast back to float.
 
-    On SmolLM2-135M (cut 2; the MatMuls' q4 is lossless there, so the embedding is the whole error)
-    onnxruntime's own 4-bit Gather (min/max round-to-nearest, blocks of 32, float32 scales) costs up
-    to +2.8% perplexity. Blocks of 16 bring that to about +1.2%: an embedding row has a few dims
-    ~7x larger than the rest, and each block of 32 spends its 16 levels on such a dim. float16
-    scales keep the table the size of the 32-block one with float32 scales (18.6 MB for 49152 x 576,
-    against 18.1). The codes come from `asymmetric_4bit_blocks`. The tensors are laid out as
-    onnxruntime's quantizer writes them: UINT4 data (rows, cols) and zero points (rows, blocks),
-    two per byte, low nibble first; UINT4 needs opset 21 and IR version 10."""
+    On SmolLM2-135M at K=2 the embedding is all of q4's error (HQQ is lossless on the GGUF's Q4_1
+    MatMuls), and onnxruntime's own 4-bit Gather (min/max round-to-nearest, blocks of 32) cost up
+    to +2.8% perplexity; this one at most +1.0% on the same texts. Blocks of 16 did most of that (a row has
+    a few dims ~7x larger than the rest, and a block spends its 16 levels on such a dim); float16
+    scales keep the table at about the size of 32-blocks with float32 ones (18.6 MB against 18.1).
+    The layout is onnxruntime's quantizer's: UINT4 data (rows, cols) and zero points (rows,
+    blocks), see `pack_uint4`, which need opset 21 and IR version 10."""
     if not weight_nodes(model.graph, "Gather"):
         return
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, 21)
-    if not any(opset.domain == MS_DOMAIN for opset in model.opset_import):
+    if MS_DOMAIN not in {opset.domain for opset in model.opset_import}:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     model.ir_version = max(model.ir_version, 10)
     quantize_gathers(model.graph, bits=4)
@@ -263,7 +256,8 @@ def quantize_gathers(graph: onnx.GraphProto, *, bits: int) -> None:
             for tensor in (_8bit_table if bits == 8 else _4bit_table)(inits[node.input[0]]):
                 inits[tensor.name] = tensor
                 graph.initializer.append(tensor)
-        nodes.extend(_gather_block_quantized(node, bits, inits[f"{node.input[0]}_scales_Q{bits}"].data_type))
+        float16 = inits[f"{node.input[0]}_scales_Q{bits}"].data_type == onnx.TensorProto.FLOAT16
+        nodes.extend(_gather_block_quantized(node, bits, float16))
     _replace(graph.node, nodes)
 
 
@@ -275,31 +269,26 @@ def _8bit_table(table: onnx.TensorProto) -> list[onnx.TensorProto]:
 
 def _4bit_table(table: onnx.TensorProto) -> list[onnx.TensorProto]:
     codes, scales, zero_points = asymmetric_4bit_blocks(numpy_helper.to_array(table).astype(np.float32))
-    if np.all((scales == 0) | ((scales >= 2.0**-14) & (scales <= 65504))):  # float16 normal range
+    if np.all((scales == 0) | ((scales >= 2.0**-14) & (scales <= 65504))):  # float16's normal range
         scales = scales.astype(np.float16)
     uint4 = onnx.TensorProto.UINT4
     return [helper.make_tensor(f"{table.name}_Q4", uint4, codes.shape, pack_uint4(codes), raw=True),
             numpy_helper.from_array(scales, f"{table.name}_scales_Q4"),
-            helper.make_tensor(f"{table.name}_zero_points_Q4", uint4, zero_points.shape, pack_uint4(zero_points),
-                               raw=True)]
+            helper.make_tensor(f"{table.name}_zero_points_Q4", uint4, zero_points.shape,
+                               pack_uint4(zero_points), raw=True)]
 
 
-def _gather_block_quantized(gather: onnx.NodeProto, bits: int, scale_type: int) -> list[onnx.NodeProto]:
-    """The GatherBlockQuantized node (and a Cast to float when the scales, hence its output, are float16)."""
+def _gather_block_quantized(gather: onnx.NodeProto, bits: int, float16: bool) -> list[onnx.NodeProto]:
+    """The op (its output is in the scales' type, so a Cast follows float16 scales)."""
     table, indices = gather.input
-    inputs = [f"{table}_Q{bits}", indices, f"{table}_scales_Q{bits}"]
+    inputs = [f"{table}_Q{bits}", indices, f"{table}_scales_Q{bits}"] + [f"{table}_zero_points_Q4"] * (bits == 4)
     attrs = {"bits": 8, "block_size": BLOCK} if bits == 8 else {"block_size": Q4_EMBEDDING_BLOCK}
-    if bits == 4:
-        inputs.append(f"{table}_zero_points_Q4")
-    output = gather.output[0]
-    cast = scale_type != onnx.TensorProto.FLOAT
-    node = helper.make_node("GatherBlockQuantized", inputs, [f"{output}_f16" if cast else output],
+    out = gather.output[0]
+    node = helper.make_node("GatherBlockQuantized", inputs, [f"{out}_f16" if float16 else out],
                             name=f"{gather.name}_Q{bits}", domain=MS_DOMAIN,
                             gather_axis=_attr(gather, "axis", 0), quantize_axis=1, **attrs)
-    if not cast:
-        return [node]
-    return [node, helper.make_node("Cast", [f"{output}_f16"], [output], to=onnx.TensorProto.FLOAT,
-                                   name=f"{gather.name}_Q{bits}_cast")]
+    cast = helper.make_node("Cast", [f"{out}_f16"], [out], name=f"{gather.name}_cast", to=onnx.TensorProto.FLOAT)
+    return [node, cast] if float16 else [node]
 
 
 def symmetric_8bit_blocks(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -314,47 +303,45 @@ def symmetric_8bit_blocks(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.uint8).reshape(rows, cols), scales.astype(table.dtype)
 
 
-RANGE_FACTORS = np.arange(0.8, 1.201, 0.05)  # the candidate scales, times min/max's (max - min) / 15
+SCALE_FACTORS = np.arange(0.8, 1.201, 0.05)  # candidate steps, in units of min/max's (max - min) / 15
 
 
-def asymmetric_4bit_blocks(table: np.ndarray, block: int = Q4_EMBEDDING_BLOCK,
-                           rows_at_once: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, cols) floats -> codes (rows, cols), scales (rows, blocks) and integer zero points
-    (rows, blocks), codes and zero points in 0..15: a value is (code - zero point) * scale.
+def asymmetric_4bit_blocks(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols) floats -> codes (rows, cols), scales and zero points (rows, blocks), codes and
+    zero points in 0..15; a value is (code - zero point) * scale. A short last block is zero-padded.
 
-    Min/max round-to-nearest (onnxruntime's) takes scale = (max - min) / 15 with the range widened
-    to hold 0. Here each block tries a few scales around that one (RANGE_FACTORS) and keeps the
-    one with the least squared error, after refitting each candidate's scale by least squares
-    under one constraint: the error stays orthogonal to the block (dequantized . x = x . x). The
-    plain least-squares scale shrinks every block by ~0.5% on average, all tokens the same way,
-    and that bias cost more perplexity than the 1-2% lower squared error won (SmolLM2; the
-    constraint costs <1% of the error). A last block shorter than `block` is padded with zeros.
+    Min/max round-to-nearest takes the step (max - min) / 15, the range widened to hold 0 (the zero
+    point is an integer, so the rounded grid can miss an end of the range). Each block here rounds
+    with a few steps around that one, rescales each result so that its error is orthogonal to the
+    block (dequantized . x = x . x), and keeps the least squared error: 13% below min/max's on
+    SmolLM2. The plain least-squares rescale is 1% lower still, but it shrinks every row by ~0.5%,
+    all tokens alike, and that bias cost more perplexity than it won. Steps 0.6-1.05x did worse
+    than 0.8-1.2x, in both.
     """
     rows, cols = table.shape
-    nblocks = -(-cols // block)
-    padded = np.zeros((rows, nblocks * block), np.float32)
+    blocks = -(-cols // Q4_EMBEDDING_BLOCK)
+    padded = np.zeros((rows, blocks * Q4_EMBEDDING_BLOCK), np.float32)
     padded[:, :cols] = table
-    codes = np.empty((rows, nblocks, block), np.uint8)
-    scales = np.empty((rows, nblocks), np.float32)
-    zero_points = np.empty((rows, nblocks), np.uint8)
-    for r in range(0, rows, rows_at_once):
-        q, s, z = _fit_4bit_blocks(padded[r:r + rows_at_once].reshape(-1, nblocks, block))
-        codes[r:r + rows_at_once], scales[r:r + rows_at_once], zero_points[r:r + rows_at_once] = q, s[..., 0], z[..., 0]
+    codes = np.empty((rows, blocks, Q4_EMBEDDING_BLOCK), np.uint8)
+    scales, zero_points = np.empty((rows, blocks), np.float32), np.empty((rows, blocks), np.uint8)
+    for r in range(0, rows, 4096):  # bounds the temporaries at a few 10 MB
+        rs = slice(r, r + 4096)
+        codes[rs], scales[rs], zero_points[rs] = _fit_4bit(padded[rs].reshape(-1, blocks, Q4_EMBEDDING_BLOCK))
     return codes.reshape(rows, -1)[:, :cols], scales, zero_points
 
 
-def _fit_4bit_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (..., block) -> codes, scales (..., 1), zero points (..., 1) for `asymmetric_4bit_blocks`."""
+def _fit_4bit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (..., block) -> codes (..., block), scales (...), zero points (...)."""
     low = np.minimum(x.min(-1, keepdims=True), 0)
     span = np.maximum(x.max(-1, keepdims=True), 0) - low
     xx = (x * x).sum(-1, keepdims=True)
     best = None
-    for factor in RANGE_FACTORS:
+    for factor in SCALE_FACTORS:
         step = np.where(span == 0, 1, span * factor / 15)
         z = np.clip(np.round(-low / step), 0, 15)
         q = np.clip(np.round(x / step + z), 0, 15)
         xq = (x * (q - z)).sum(-1, keepdims=True)
-        s = np.where(xq > 0, xx / np.where(xq > 0, xq, 1), 0)  # (q - z) * s . x == x . x
+        s = np.where(xq > 0, xx / np.where(xq > 0, xq, 1), 0)
         err = ((x - (q - z) * s) ** 2).sum(-1, keepdims=True)
         if best is None:
             best = [err, q, s, z]
@@ -362,7 +349,7 @@ def _fit_4bit_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
             better = err < best[0]
             best = [np.where(better, new, old) for new, old in zip((err, q, s, z), best)]
     _, q, s, z = best
-    return q.astype(np.uint8), s, z.astype(np.uint8)
+    return q.astype(np.uint8), s[..., 0], z[..., 0].astype(np.uint8)
 
 
 def pack_uint4(values: np.ndarray) -> bytes:
@@ -370,7 +357,7 @@ def pack_uint4(values: np.ndarray) -> bytes:
     flat = values.astype(np.uint8).ravel()
     if flat.size % 2:
         flat = np.append(flat, np.uint8(0))
-    return ((flat[0::2] & 0xF) | ((flat[1::2] & 0xF) << 4)).astype(np.uint8).tobytes()
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
 # --- graph housekeeping ------------------------------------------------------------------------------

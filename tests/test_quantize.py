@@ -226,8 +226,9 @@ def test_uint4_packing_puts_the_first_value_in_the_low_nibble():
 def test_4bit_embedding_looks_up_what_its_codes_say_and_stays_within_a_step(tmp_path):
     """The hand-built q4 table on a tiny embedding (a ragged last block, an outlier column, a zero
     row): onnxruntime's lookups equal (code - zero point) * scale of the codes we computed (so the
-    packing and the zero point layout are right), each value lands within a step of the float one,
-    and the table is closer to the float one than min/max round-to-nearest."""
+    packing and the zero point layout are right), each value lands within a step of the float one
+    (1.5 where an end code clipped it), and the table is closer to the float one than min/max
+    round-to-nearest."""
     rng = np.random.default_rng(3)
     table = rng.standard_normal((9, 40)).astype(np.float32) * 0.1
     table[:, 5] *= 8
