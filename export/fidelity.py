@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from splitlm.edge_client.data import encode, load_tokenizer
 from splitlm.manifest import Bundle
 
 from .arch import Arch
@@ -70,28 +71,27 @@ def per_token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
 
 
-def tokenize(bundle: Bundle, text: str) -> np.ndarray:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
-    return np.asarray(tok.encode(text).ids, dtype=np.int64)
+def tokenize(bundle: Bundle, texts: list[str]) -> list[np.ndarray]:
+    """Token ids as the device makes them (no special tokens added)."""
+    tokenizer = load_tokenizer(bundle.file("tokenizer.json"))
+    return [np.asarray(ids, dtype=np.int64) for ids in encode(tokenizer, texts)]
 
 
 @torch.no_grad()
-def head_agreement(bundle: Bundle, model: torch.nn.Module, ids: np.ndarray) -> tuple[float, float, float]:
+def head_agreement(bundle: Bundle, head: OnnxHead, model: torch.nn.Module, ids: np.ndarray) -> tuple[float, float, float]:
     """(min cosine, mean cosine, max abs diff) of head.onnx vs hidden_states[K], per token."""
     ids = ids[None, : bundle.manifest.max_length]  # (1, T)
     mask = np.ones_like(ids)
     ref = model(torch.from_numpy(ids), output_hidden_states=True).hidden_states[bundle.manifest.cut].numpy()
-    got = OnnxHead(bundle)(ids, mask)
+    got = head(ids, mask)
     cos = per_token_cosine(got, ref)
     return float(cos.min()), float(cos.mean()), float(np.abs(got - ref).max())
 
 
 @torch.no_grad()
-def perplexities(bundle: Bundle, model: torch.nn.Module, ids: np.ndarray) -> tuple[float, float]:
+def perplexities(bundle: Bundle, head: OnnxHead, model: torch.nn.Module, ids: np.ndarray) -> tuple[float, float]:
     """Perplexity of the unsplit model, and of this bundle's head + the PyTorch rest, over `ids`."""
-    arch, head, cut = Arch.of(model), OnnxHead(bundle), bundle.manifest.cut
+    arch, cut = Arch.of(model), bundle.manifest.cut
     window = min(PPL_WINDOW, bundle.manifest.max_length)
     nll_model = nll_bundle = 0.0
     count = 0
@@ -113,6 +113,8 @@ def perplexities(bundle: Bundle, model: torch.nn.Module, ids: np.ndarray) -> tup
 def fidelity_report(bundle_dir: Path, model: torch.nn.Module, *, eval_text: str | None = None) -> Fidelity:
     bundle = Bundle.open(bundle_dir)
     sizes = {name: bundle.file(name).stat().st_size / 1e6 for name in bundle.manifest.files if name.endswith(".onnx")}
-    cmin, cmean, max_abs = head_agreement(bundle, model, tokenize(bundle, SAMPLE_TEXT))
-    ppl = perplexities(bundle, model, tokenize(bundle, eval_text)) if eval_text else (None, None)
+    head = OnnxHead(bundle)  # one session: the head's weights are loaded once
+    sample, *evaluated = tokenize(bundle, [SAMPLE_TEXT, *([eval_text] if eval_text else [])])
+    cmin, cmean, max_abs = head_agreement(bundle, head, model, sample)
+    ppl = perplexities(bundle, head, model, evaluated[0]) if evaluated else (None, None)
     return Fidelity(sizes, cmin, cmean, max_abs, *ppl)
