@@ -285,10 +285,10 @@ def test_mask_shape_must_match_hidden_batch_and_length():
 
 
 def test_logits_indices_and_values_must_match():
-    buf = frame("logits", round=0, indices=raw_tensor(np.zeros((3, 4), np.int32)),
+    buf = frame("logits", round=0, chunk=0, chunks=1, start=0, indices=raw_tensor(np.zeros((3, 4), np.int32)),
                 values=raw_tensor(np.zeros((3, 5), np.float32)), n_samples=1)
     refused(buf, "logits.values", "(3, 4)", "got (3, 5)")
-    buf = frame("logits", round=0, indices=raw_tensor(np.zeros((3, 4), np.float32)),
+    buf = frame("logits", round=0, chunk=0, chunks=1, start=0, indices=raw_tensor(np.zeros((3, 4), np.float32)),
                 values=raw_tensor(np.zeros((3, 4), np.float32)), n_samples=1)
     refused(buf, "logits.indices", "integer tensor", "float32")
 
