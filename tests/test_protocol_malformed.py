@@ -309,7 +309,7 @@ def test_encode_refuses_what_cannot_be_sent():
     with pytest.raises(BadMessage, match="2\\*\\*127"):
         p.encode_tensor(np.array([3e38], np.float32), codec="f16")
     with pytest.raises(BadMessage, match="dtype in"):
-        p.encode_tensor(np.zeros(3, np.uint16), codec="raw")
+        p.encode_tensor(np.zeros(3, np.uint32), codec="raw")
 
 
 def test_building_a_forward_with_a_mismatched_mask_fails_at_once():
