@@ -77,8 +77,10 @@ class DistillStrategy(FedAvgStrategy):
     mode = "distill"
 
     def __init__(self, model: GlobalModel, cfg: ServeConfig, *, public: Path | None = None,
-                 public_seq_len: int = 128, eval_data: Path | None = None, log=print):
+                 public_seq_len: int = 128, device_model_hash: str | None = None, eval_data: Path | None = None,
+                 log=print):
         super().__init__(model, cfg, eval_data=eval_data, log=log)
+        self.device_model_hash = device_model_hash or model.model_hash  # the devices' model may be another one
         from transformers import AutoTokenizer
 
         from splitlm.data import collate, pack_public
@@ -110,8 +112,9 @@ class DistillStrategy(FedAvgStrategy):
                                  f"(sha256 {self.public_hash[:12]}...), the bundle names {str(hello.public_hash)[:12]}...")
         if self.cfg.codec not in hello.codecs:
             raise BadMessage(f"hello.codecs: the server sends {self.cfg.codec!r}, the client decodes {list(hello.codecs)}")
-        if hello.model_hash != self.model.model_hash:  # the tokenizer must be shared; the model hash is the proof we have
-            raise BundleMismatch("hello.model_hash: the bundle was exported from another model than this server's")
+        if hello.model_hash != self.device_model_hash:  # it fixes the tokenizer, which both sides must share
+            raise BundleMismatch("hello.model_hash: the bundle was exported from another model than the devices' "
+                                 "model this server expects (serve --device-model FOLDER names it)")
 
     async def join(self, conn: Conn, hello: Hello) -> list:
         self.conns[conn.client_id] = conn
@@ -152,7 +155,7 @@ class DistillStrategy(FedAvgStrategy):
     async def _close_round(self, reports: dict) -> None:
         finished = self.round - 1
         idx, logp = aggregate_topk([(i, v, n) for i, v, n, _ in reports.values()], k=self.cfg.topk)
-        kd_loss, loss = await asyncio.get_running_loop().run_in_executor(self.writer._pool, self._distill, idx, logp)
+        kd_loss, loss = await asyncio.get_running_loop().run_in_executor(None, self._distill, idx, logp)
         reports3 = {cid: (None, n, conn) for cid, (_, _, n, conn) in reports.items()}
         metrics = self.round_metrics(finished, reports3, eval_loss=loss) | {"kd_loss": kd_loss, "public_rows": self.n_rows}
         snapshot = self.model.snapshot()

@@ -143,7 +143,7 @@ class FedAvgStrategy(Strategy):
         mean = weighted_average([(t, n) for t, n, _ in reports.values()])
         delta = {n: self.through_codec(d) for n, d in mean.items()}   # what the devices will decode
         self.values = apply_delta(self.values, delta)
-        loss = await asyncio.get_running_loop().run_in_executor(self.writer._pool, self._apply_and_eval)
+        loss = await asyncio.get_running_loop().run_in_executor(None, self._apply_and_eval)
         metrics = self.round_metrics(finished, reports, eval_loss=loss)
         snapshot = self.model.snapshot()
         self.writer.write(finished, lambda folder: self.model.save(folder, snapshot), metrics)

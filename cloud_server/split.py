@@ -184,7 +184,8 @@ class SplitStrategy(Strategy):
             snapshot, body_state = await self._run(self._snapshot)
         state = self._state(body_state)
         self.writer.write(finished, lambda folder: self._fill_round(folder, snapshot), metrics)
-        self.writer._pool.submit(self._write_state, state)
+        # the state is the durable round end: the reporters hear of the new round only once it is on disk
+        await asyncio.wrap_future(self.writer.run(self._write_state, state))
         self.log(f"round {finished} closed: {len(reports)} clients, {metrics['samples']} samples, "
                  f"mean loss {metrics['mean_loss']:.4f}")
         for cid in reports:

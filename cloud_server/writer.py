@@ -39,6 +39,10 @@ class RoundWriter:
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
 
+    def run(self, fn, *args) -> Future:
+        """Run `fn(*args)` on the writer's thread, after everything queued before it."""
+        return self._pool.submit(fn, *args)
+
     def drain(self) -> None:
         """Wait for every queued write (shutdown, tests)."""
         self._pool.submit(lambda: None).result()

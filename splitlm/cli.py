@@ -92,8 +92,13 @@ def _strategy(args: argparse.Namespace, cfg, log):
         return FedAvgStrategy(model, cfg, eval_data=eval_data, log=log)
     from splitlm.cloud_server.distill import DistillStrategy
 
+    device_hash = None
+    if args.device_model:
+        from splitlm.manifest import model_folder_hash
+
+        device_hash = model_folder_hash(Path(args.device_model))
     return DistillStrategy(model, cfg, public=Path(args.public) if args.public else None, eval_data=eval_data,
-                           log=log)
+                           device_model_hash=device_hash, log=log)
 
 
 def _cmd_edge(args: argparse.Namespace) -> None:
@@ -172,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (0: run until stopped)")
     p.add_argument("--topk", type=int, default=16, help="distill: k of the top-k logits devices send")
     p.add_argument("--public", help="distill: the public text file (default: the one shipped with splitlm)")
+    p.add_argument("--device-model", help="distill: the model folder the devices' bundles were exported from, when "
+                                          "it is not the served one (it must share the tokenizer)")
     p.add_argument("--eval", help="fedavg/distill: held-out data; each round's metrics get the global model's loss on it")
     p.add_argument("--update-wire", default="f32", choices=("f32", "f16", "q8"),
                    help="float codec for parameters on the wire (adapters, updates, globals)")

@@ -78,7 +78,7 @@ class Server:
 def start_edge(url: str, bundle, data: Path, work: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(edge_cmd(url, bundle.path, data, "--steps", str(STEPS), "--batch-size", str(BATCH),
                                      "--seq-len", str(SEQ), "--lr", LR, "--metrics-out", str(work / "m.jsonl"),
-                                     "--reconnect-tries", "10", *extra),
+                                     "--reconnect-tries", "10", "--client-id", "edge", *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
