@@ -103,7 +103,7 @@ class Body:
         h_n = self.arch.run_blocks(h_k, mask_t, self.cfg.cut, self.num_layers)
         loss = causal_lm_loss(self.arch.logits(h_n), torch.as_tensor(np.asarray(labels, np.int64)), mask_t)
         self._update(lambda: loss.backward())
-        return float(loss), h_k.grad.numpy()
+        return float(loss.detach()), h_k.grad.numpy()
 
     def forward_u(self, hidden: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, PendingStep]:
         """Labels on the device, first half: h_K -> h_N, keeping the graph for `backward_u`."""

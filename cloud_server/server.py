@@ -40,7 +40,8 @@ from splitlm.protocol import (Adapter, AdapterGlobal, Backward, Bye, Error, Forw
 
 from .aggregate import weighted_average
 from .body import Body, PendingStep
-from .state import STATE_FILE, Progress, Resume, ServerState, StateError, save_state, server_resume
+from .state import (STATE_FILE, Progress, Resume, ServerState, StateError, describe_resume, save_state,
+                    server_resume)
 
 HANDSHAKE_TIMEOUT_S = 30.0
 
@@ -176,8 +177,8 @@ class SplitServer:
         self.progress[hello.client_id] = progress
         client = Client(uuid.uuid4().hex[:12], hello.client_id, ws, hello.n_samples, progress)
         self.clients[client.session_id] = client
-        self.log(f"client {client.client_id} joined ({hello.n_samples} samples), round {self.round}, "
-                 f"step {progress.step} ({plan.value}, it said {hello.resume_step})")
+        self.log(f"client {client.client_id} joined ({hello.n_samples} samples), round {self.round}; "
+                 + describe_resume(plan, server_next=progress.step, client_next=hello.resume_step))
         await self.send(client, Welcome(session_id=client.session_id, codec=self.cfg.codec,
                                         steps_per_round=self.cfg.steps_per_round, round=self.round,
                                         step=progress.step, max_frame_bytes=self.limits.max_frame_bytes,
