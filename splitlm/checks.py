@@ -22,7 +22,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _export(args) -> None:
     _model(args.model)
-    _at_least(args, cut=1, lora_rank=1, max_length=3)
+    _at_least(args, lora_rank=1, max_length=3)  # --cut: export says the range once it has read config.json
     _positive(lora_alpha=args.lora_alpha)
     if args.eval_text:
         _file("--eval-text", args.eval_text)

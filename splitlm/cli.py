@@ -58,6 +58,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
+    print(f"loading {args.model}; this server runs its blocks from {args.cut} on ...", flush=True)
     import asyncio
 
     from splitlm.cloud_server.body import Body, BodyConfig
@@ -72,7 +73,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    print(f"loading {args.model} and its body from block {args.cut} on ...", flush=True)
     body = Body(BodyConfig(model=args.model, cut=args.cut, labels=args.labels, lora_rank=args.lora_rank,
                            lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
                            lr=args.lr, full=args.full, seed=args.seed))
@@ -143,12 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"splitlm {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    p = sub.add_parser("default-model", help="print the folder of the embedded default model (SmolLM2-135M-Instruct)",
-                       description="print the folder of the embedded default model (SmolLM2-135M-Instruct)", epilog=EPILOGS["default-model"], formatter_class=_Help)
+    p = sub.add_parser("default-model", help="print the folder of the embedded default model (SmolLM2-135M-Instruct)")
     p.set_defaults(run=_cmd_default_model)
 
-    p = sub.add_parser("export", help="cut a model at layer K and write a client bundle",
-                       description="cut a model at layer K and write a client bundle", epilog=EPILOGS["export"], formatter_class=_Help)
+    p = sub.add_parser("export", help="cut a model at layer K and write a client bundle")
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
     p.add_argument("--cut", type=int, required=True, help="the device runs embeddings + blocks 0..K-1")
     p.add_argument("--quant", default="q4", choices=QUANT_PRESETS, help="weight preset of the device's graphs")
@@ -163,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", help="a text file: report perplexity of the model vs this bundle's head")
     p.set_defaults(run=_cmd_export)
 
-    p = sub.add_parser("serve", help="host the body (blocks K..N) for edge clients",
-                       description="host the body (blocks K..N) for edge clients", epilog=EPILOGS["serve"], formatter_class=_Help)
+    p = sub.add_parser("serve", help="host the body (blocks K..N) for edge clients")
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
     p.add_argument("--cut", type=int, required=True, help="K: the server runs blocks K..N-1 (the bundles' cut)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -193,8 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch's thread pool slows ~100x when its cores are contended")
     p.set_defaults(run=_cmd_serve)
 
-    p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)",
-                       description="train on this device against a splitlm server (no torch needed)", epilog=EPILOGS["edge"], formatter_class=_Help)
+    p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)")
     p.add_argument("url", help="ws://HOST:PORT")
     p.add_argument("--bundle", required=True, help="the bundle folder `splitlm export` wrote")
     p.add_argument("--data", required=True, help=".txt, or .jsonl of {text} or {prompt, completion}")
@@ -214,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconnects in a row before giving up when the link drops (0.5 s doubling to 8 s apart)")
     p.set_defaults(run=_cmd_edge)
 
-    p = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ PEFT adapter) on data",
-                       description="loss, perplexity and exact match of a model (+ PEFT adapter) on data", epilog=EPILOGS["eval"], formatter_class=_Help)
+    p = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ PEFT adapter) on data")
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
     p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUT/round-0003/adapter")
     p.add_argument("--data", required=True, help=".txt, or .jsonl of {text} or {prompt, completion}")
@@ -229,14 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-base", action="store_true", help="with --adapter: skip the base model's numbers")
     p.set_defaults(run=_cmd_eval)
 
-    p = sub.add_parser("demo", help="default model, a q4 bundle, a server and two edge clients on 127.0.0.1",
-                       description="default model, a q4 bundle, a server and two edge clients on 127.0.0.1", epilog=EPILOGS["demo"], formatter_class=_Help)
+    p = sub.add_parser("demo", help="default model, a q4 bundle, a server and two edge clients on 127.0.0.1")
     p.add_argument("--steps", type=int, default=20, help="steps per client (a round every 5)")
     p.add_argument("--clients", type=int, default=2, help="edge clients, each with its own slice of the data")
     p.add_argument("--workdir", help="where data, logs and results go (default ./splitlm-demo)")
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a Hugging Face folder")
     p.set_defaults(run=_cmd_demo)
+    _guide(sub)
     return parser
+
+
+def _guide(sub) -> None:
+    """Every command's help shows defaults and examples, and says what the command is for."""
+    for action in sub._choices_actions:
+        p = sub.choices[action.dest]
+        p.formatter_class, p.epilog = _Help, EPILOGS.get(action.dest)
+        p.description = p.description or action.help
 
 
 def main(argv: list[str] | None = None) -> int:

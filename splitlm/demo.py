@@ -69,16 +69,9 @@ class DemoConfig:
 
 def model_folder(cfg: DemoConfig) -> Path:
     """The model's folder; the default model is built from its GGUF on first use (~20 s, said first)."""
-    from splitlm.export.default_model import FOLDER_NAME, cache_dir, default_model_dir
+    from splitlm.export.bundle import resolve_model_path
 
-    if cfg.model != "default":
-        from splitlm.export.bundle import resolve_model_path
-
-        return resolve_model_path(cfg.model)
-    if not (cache_dir() / FOLDER_NAME / "config.json").is_file():
-        print(f"building the default model {FOLDER_NAME} from its GGUF file (once, ~20 s; cached in {cache_dir()}) ...",
-              flush=True)
-    return default_model_dir()
+    return resolve_model_path(cfg.model)
 
 
 def ensure_bundle(cfg: DemoConfig) -> tuple[Path, Path]:
