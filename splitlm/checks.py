@@ -37,6 +37,8 @@ def _serve(args) -> None:
 
 
 def _edge(args) -> None:
+    if args.resume and not args.state:
+        raise SplitLMError("--resume needs --state FILE: the state to continue from")
     if not args.url.startswith(("ws://", "wss://")):
         raise SplitLMError(f"url: expected ws://HOST:PORT or wss://HOST:PORT, got {args.url!r}")
     bundle = Path(args.bundle)

@@ -90,8 +90,6 @@ def _cmd_edge(args: argparse.Namespace) -> None:
 
     from splitlm.edge_client.client import EdgeClient, EdgeConfig
 
-    if args.resume and not args.state:
-        raise SplitLMError("--resume needs --state FILE: the state to continue from")
     cfg = EdgeConfig(url=args.url, bundle=Path(args.bundle), data=Path(args.data), steps=args.steps,
                      epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      seed=args.seed, client_id=args.client_id, threads=args.threads,

@@ -43,10 +43,12 @@ def console_script() -> str:
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
-    """A working folder with a `splitlm/` folder in it, as after `git clone .../splitlm`."""
+    """A working folder with a `splitlm/` folder in it, as after `git clone .../splitlm`. Its
+    `__init__.py` fails loudly, so whatever imports it instead of the installed package shows,
+    whether the package is installed in place (where a clone's bare folder hides it too) or not."""
     folder = tmp_path_factory.mktemp("home")
     (folder / "splitlm").mkdir()
-    (folder / "splitlm" / "README.md").write_text("a clone\n")
+    (folder / "splitlm" / "__init__.py").write_text('raise ImportError("not the installed splitlm")\n')
     return folder
 
 
@@ -64,7 +66,7 @@ def test_python_m_from_such_a_folder_is_the_trap(clone):
     """The reason for `splitlm.launch`: this is what the demo used to run, and it fails here."""
     r = subprocess.run([sys.executable, "-m", "splitlm.cli", "--version"], cwd=clone, capture_output=True,
                        text=True, env={**os.environ, **ENV})
-    assert r.returncode != 0 and "ImportError" in r.stderr, r.stderr
+    assert r.returncode != 0 and "not the installed splitlm" in r.stderr, r.stderr
     r = run_in(clone, "--version")
     assert r.returncode == 0 and r.stdout.startswith("splitlm "), r.stderr
 
@@ -136,7 +138,7 @@ def test_a_device_that_never_reached_a_server_stops_within_seconds(demo, tmp_pat
     bundle = next(work.glob("tiny-llama*-k2-q4"))
     t0 = time.monotonic()
     r = run_in(work, "edge", f"ws://127.0.0.1:{port}", "--bundle", str(bundle), "--data", "data/client-0.jsonl")
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 20, "no backoff before a first connection (8 tries would take 40 s)"
     assert r.returncode == 2 and f"nothing ever answered at ws://127.0.0.1:{port}" in r.stderr, r.stderr
     assert "link lost" not in r.stderr + r.stdout
 
