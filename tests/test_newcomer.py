@@ -198,3 +198,22 @@ def test_bad_arguments_stop_before_any_model_is_built(clone, tmp_path, args, nee
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not cache.exists(), "the default model was built before the arguments were checked"
     assert time.monotonic() - t0 < 30
+
+
+def test_the_serve_and_edge_lines_export_prints_train_together(demo, tmp_path):
+    """The demo's export printed its next steps; run them as printed (a free port, one step)."""
+    from .conftest import ServerProcess
+
+    r, work = demo
+    lines = r.stdout.splitlines()
+    serve = shlex.split(lines[lines.index("next, on the server:") + 1])
+    edge = shlex.split(next(line for line in lines if line.strip().startswith("splitlm edge ws://SERVER:8765")))
+    assert serve[:2] == ["splitlm", "serve"] and serve[-2:] == ["--out", "runs"], r.stdout
+    assert edge[3] == "--bundle" and edge[-2:] == ["--data", "YOUR_DATA.jsonl"], r.stdout
+    server = ServerProcess(*serve[2:-2], "--out", str(tmp_path / "runs"))  # the printed --out runs, moved here
+    try:
+        done = run_in(work.parent, "edge", server.url, *edge[3:-2], "--data", "work/data/client-0.jsonl",
+                      "--steps", "1", timeout=120)
+    finally:
+        server.stop()
+    assert done.returncode == 0 and "steps 1" in done.stdout, done.stdout + done.stderr
