@@ -7,6 +7,9 @@ does (`splitlm.edge_client.data`), so the loss is comparable with training's.
     loss        mean next-token cross-entropy over every learned token (token-weighted)
     perplexity  exp(loss)
     exact_match for prompt/completion data: greedy completion == the reference, whitespace-trimmed
+
+With an adapter, `compare` judges the base model and the adapter in one run (one load: the base
+is the PEFT model with its adapter switched off), which is the question a user asks.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from splitlm.data import (IGNORE_INDEX, PromptExample, collate, encode, read_examples,
                                       tokenize)
 from splitlm.export.bundle import load_model
+from splitlm.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,29 @@ class EvalResult:
             out += f"  exact match {100 * self.exact_match:.1f}% of {self.examples}"
         return out
 
+    def cells(self) -> list[str]:
+        em = "-" if self.exact_match is None else \
+            f"{100 * self.exact_match:.1f}% ({round(self.exact_match * self.examples)}/{self.examples})"
+        return [f"{self.loss:.4f}", f"{self.perplexity:.3f}", em]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The base model and base + adapter on the same data."""
+    base: EvalResult
+    adapter: EvalResult
+
+    def as_dict(self) -> dict:
+        """The adapter's result at the top level (as without a comparison), the base's under "base"."""
+        return {**self.adapter.as_dict(), "base": self.base.as_dict()}
+
+    def table(self) -> str:
+        rows = [["", "loss", "perplexity", "exact match"], ["base", *self.base.cells()],
+                ["adapter", *self.adapter.cells()]]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                         for r in rows)
+
 
 def load_for_eval(model: str, adapter: str | None = None):
     """(model, tokenizer) in eval mode; with the PEFT adapter applied if one is given."""
@@ -53,10 +80,12 @@ def load_for_eval(model: str, adapter: str | None = None):
 
 
 @torch.no_grad()
-def mean_loss(model, sequences, *, pad_id: int, batch_size: int) -> tuple[float, int]:
+def mean_loss(model, sequences, *, pad_id: int, batch_size: int, progress: Progress | None = None) -> tuple[float, int]:
     """Token-weighted mean loss over `sequences` and the number of learned tokens."""
     total, count = 0.0, 0
     for start in range(0, len(sequences), batch_size):
+        if progress is not None:
+            progress.update(start)
         batch = collate(sequences[start:start + batch_size], pad_token_id=pad_id)
         labels = torch.from_numpy(batch.labels)
         n = int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -68,11 +97,13 @@ def mean_loss(model, sequences, *, pad_id: int, batch_size: int) -> tuple[float,
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, pairs: list[PromptExample]) -> float:
+def exact_match(model, tokenizer, pairs: list[PromptExample], *, progress: Progress | None = None) -> float:
     """Share of prompts whose greedy completion equals the reference (stripped)."""
     backend = tokenizer.backend_tokenizer
     hits = 0
-    for pair in pairs:
+    for i, pair in enumerate(pairs):
+        if progress is not None:
+            progress.update(i)
         prompt = encode(backend, [pair.prompt])[0]
         want = encode(backend, [pair.completion])[0]
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -84,13 +115,48 @@ def exact_match(model, tokenizer, pairs: list[PromptExample]) -> float:
 
 
 def evaluate(model: str, data: str | Path, *, adapter: str | None = None, seq_len: int = 256,
-             batch_size: int = 8, max_examples: int | None = None) -> EvalResult:
+             batch_size: int = 8, max_examples: int | None = None, progress: bool | None = False) -> EvalResult:
+    """The model (with `adapter`, if given) on `data`. `progress`: None for a bar on a terminal
+    and lines in a log, False for silence."""
     examples = read_examples(data)[:max_examples]
     loaded, tokenizer = load_for_eval(model, adapter)
+    return judge(loaded, tokenizer, examples, seq_len=seq_len, batch_size=batch_size,
+                 label="adapter" if adapter else "model", progress=progress)
+
+
+def compare(model: str, data: str | Path, *, adapter: str, seq_len: int = 256, batch_size: int = 8,
+            max_examples: int | None = None, progress: bool | None = False) -> Comparison:
+    """The base model and the base model + `adapter` on `data`, from one load."""
+    examples = read_examples(data)[:max_examples]
+    loaded, tokenizer = load_for_eval(model, adapter)
+    kw = dict(seq_len=seq_len, batch_size=batch_size, progress=progress)
+    with loaded.disable_adapter():
+        base = judge(loaded, tokenizer, examples, label="base", **kw)
+    return Comparison(base=base, adapter=judge(loaded, tokenizer, examples, label="adapter", **kw))
+
+
+def judge(loaded, tokenizer, examples, *, seq_len: int, batch_size: int, label: str,
+          progress: bool | None) -> EvalResult:
+    """Loss, perplexity and (for prompt/completion data) exact match of a loaded model."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sequences = tokenize(examples, tokenizer.backend_tokenizer, seq_len=seq_len, eos_id=eos)
-    loss, tokens = mean_loss(loaded, sequences, pad_id=pad, batch_size=batch_size)
+    with _progress(f"{label} loss", len(sequences), "sequences", progress) as bar:
+        loss, tokens = mean_loss(loaded, sequences, pad_id=pad, batch_size=batch_size, progress=bar)
+        bar.update(len(sequences))
     pairs = [e for e in examples if isinstance(e, PromptExample)]
-    em = exact_match(loaded, tokenizer, pairs) if pairs else None
+    em = None
+    if pairs:
+        with _progress(f"{label} exact match", len(pairs), "examples", progress) as bar:
+            em = exact_match(loaded, tokenizer, pairs, progress=bar)
+            bar.update(len(pairs))
     return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=tokens, exact_match=em, examples=len(pairs))
+
+
+def _progress(desc: str, total: int, unit: str, show: bool | None) -> Progress:
+    """A progress meter; `show` False gives one whose lines go nowhere."""
+    if show is False:
+        import io
+
+        return Progress(desc, total=total, unit=unit, stream=io.StringIO(), bar=False)
+    return Progress(desc, total=total, unit=unit, bar=None)

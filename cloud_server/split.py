@@ -31,7 +31,8 @@ from splitlm.protocol import (Adapter, AdapterGlobal, Backward, Forward, Hello, 
 
 from .aggregate import weighted_average
 from .body import Body, PendingStep
-from .state import STATE_FILE, Progress, Resume, ServerState, StateError, save_state, server_resume
+from .state import (STATE_FILE, Progress, Resume, ServerState, StateError, describe_resume, save_state,
+                    server_resume)
 from .strategy import Conn, Rounds, ServeConfig, Strategy
 from .writer import RoundWriter
 
@@ -92,12 +93,8 @@ class SplitStrategy(Strategy):
             raise BadMessage(str(e)) from e
         self.progress[hello.client_id] = progress
         self.conns[conn.client_id] = conn
-        how = {Resume.FRESH: "new", Resume.GO_ON: "resuming", Resume.RESEND: "resuming, its last backward re-sent",
-               Resume.REWIND: "rewinding to the server's round end"}[plan]
-        self.log(f"client {conn.client_id} joined ({hello.n_samples} samples), round {self.round}, "
-                 f"step {progress.step} ({how}; it asked for step {hello.resume_step})"
-                 if hello.resume_step is not None else
-                 f"client {conn.client_id} joined ({hello.n_samples} samples), round {self.round}, step {progress.step} ({how})")
+        self.log(f"client {conn.client_id} joined ({hello.n_samples} samples), round {self.round}; "
+                 + describe_resume(plan, server_next=progress.step, client_next=hello.resume_step))
         welcome = Welcome(session_id=conn.session_id, codec=self.cfg.codec, steps_per_round=self.cfg.steps_per_round,
                           round=self.round, step=progress.step, max_frame_bytes=self.limits.max_frame_bytes,
                           head_adapter=self.global_head, mode=self.mode, update_codec=self.cfg.update_codec,

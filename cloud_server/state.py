@@ -60,6 +60,17 @@ def server_resume(*, server_next: int, client_next: int | None, cached_step: int
                      f"{server_next - 1} with a cached backward, or more)")
 
 
+def describe_resume(plan: Resume, *, server_next: int, client_next: int | None) -> str:
+    """The server log's words for `plan`, e.g. "new: starts at step 0"."""
+    return {
+        Resume.FRESH: f"new: starts at step {server_next}",
+        Resume.GO_ON: f"back: goes on at step {server_next}",
+        Resume.RESEND: f"back: step {client_next} was applied here but its answer was lost, sending it again",
+        Resume.REWIND: f"back at step {client_next}, but this server restarted from step {server_next}: "
+                       "the client goes back to its snapshot there",
+    }[plan]
+
+
 # ---------------------------------------------------------------- what is saved
 
 @dataclass

@@ -7,8 +7,9 @@ One step, labels on the device (U-shape: no token id or label leaves the device)
               -> backward{dL/dh_K} -> head_grad.onnx -> AdamW
 Every R steps: adapter{round, lora, n_samples} -> adapter_global{round, averaged lora}.
 
-When the link drops the client reconnects (backoff 0.5 s doubling to 8 s, `reconnect_tries` in a
-row) and says in hello.resume_step which step it runs next; welcome.step is the server's answer and
+When a link that once worked drops, the client reconnects (backoff 0.5 s doubling to 8 s,
+`reconnect_tries` in a row); when nothing ever answered, it stops at once (`NeverConnected`),
+since retrying a wrong address or a server not yet started only hides the mistake. It and says in hello.resume_step which step it runs next; welcome.step is the server's answer and
 `state.client_resume` what follows (go on / apply the re-sent backward / rewind to the round end).
 With `state` set, everything training changes is saved after every step, so `resume` goes on after
 the process itself died.
@@ -76,6 +77,10 @@ class ServerError(SplitLMError):
 
 class LinkLost(SplitLMError):
     """The server stayed unreachable through every reconnect try."""
+
+
+class NeverConnected(SplitLMError):
+    """The first connection failed: nothing at the address ever answered as a splitlm server."""
 
 
 def backoff_s(failures: int) -> float:
@@ -264,14 +269,19 @@ class EdgeClient:
 
     async def run(self) -> dict:
         """Train to the last step, reconnecting when the link drops; the meter's summary."""
-        self._failures = 0
+        self._failures, answered = 0, False
         while True:
             try:
                 async with connect(self.cfg.url, max_size=None, compression=None, ping_interval=20,
                                    ping_timeout=120) as ws:
+                    answered = True
                     await self._session(ws)
                 return self.meter.summary()
             except (ConnectionClosed, InvalidHandshake, OSError) as e:  # OSError: refused, timed out
+                if not answered:
+                    raise NeverConnected(f"nothing ever answered at {self.cfg.url} ({type(e).__name__}: {e}): "
+                                         "is `splitlm serve` running there? (reconnects with backoff follow only "
+                                         "a link that once worked)") from e
                 self._failures += 1
                 if self._failures > self.cfg.reconnect_tries:
                     raise LinkLost(f"lost the server at {self.cfg.url} at step {self.step} "

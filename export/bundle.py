@@ -113,8 +113,10 @@ def export_bundle(model: str, out: str | Path, opts: ExportOptions, *, log=print
         raise ExportError(f"{out} exists and is not a bundle: refusing to overwrite it")
     t0 = time.perf_counter()
     check_options(opts, load_config(resolve_model_path(model)).num_hidden_layers)
+    log(f"loading {model} ...")
     loaded, path = load_model(model)
     graphs = client_graphs(loaded, opts)
+    log(f"tracing the device's graphs (blocks 0..{opts.cut - 1}) with torch.onnx: the slow part, a minute or more ...")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
@@ -150,6 +152,7 @@ def _write(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: Export
             (fp32 / name).rename(staging / name)
         else:
             from .quantize import quantize_graph
+            log(f"  quantizing {name} to {preset} ...")
             quantize_graph(fp32 / name, staging / name, preset=preset)
         log(f"  {name:15s} {opts.quant:5s} {(staging / name).stat().st_size / 1e6:8.1f} MB")
     shutil.rmtree(fp32)

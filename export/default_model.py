@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def default_model_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = gguf_path()
+    print(f"building the default model {FOLDER_NAME} from its GGUF file (once, ~20 s; cached in {target}) ...",
+          file=sys.stderr, flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -1,5 +1,6 @@
 """The `splitlm` command. Each subcommand imports its component only when it runs, so
-`splitlm edge` and every `--help` work on a device install without torch."""
+`splitlm edge` and every `--help` work on a device install without torch. Arguments are checked
+(`splitlm.checks`) before any of that work starts."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import sys
 from pathlib import Path
 
 from splitlm import __version__
+from splitlm.checks import check_args
 from splitlm.errors import SplitLMError
+from splitlm.guide import EPILOGS, export_next_steps
 from splitlm.manifest import LABEL_PLACEMENTS, QUANT_PRESETS
-
+from splitlm.quiet import quiet_dependencies
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,6 +21,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's name
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (unless it has none), and examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        no_default = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if action.option_strings and not no_default and "%(default)" not in help:
+            help += " (default: %(default)s)"
+        return help
 
 
 def _cmd_default_model(args: argparse.Namespace) -> None:
@@ -34,11 +48,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
                          lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
                          lora_seed=args.lora_seed, max_length=args.max_length)
     eval_text = _read_text(args.eval_text) if args.eval_text else None
-    export_bundle(args.model, args.out, opts, log=lambda line: print(line, flush=True))
+    manifest = export_bundle(args.model, args.out, opts, log=lambda line: print(line, flush=True))
+    print("checking the bundle against PyTorch ...", flush=True)
     model, _ = load_model(args.model)
     print("fidelity:")
     for line in fidelity_report(Path(args.out), model, eval_text=eval_text).lines():
         print(line)
+    print("\n".join(export_next_steps(args.model, args.out, manifest)))
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -49,13 +65,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from splitlm.cloud_server.strategy import ServeConfig
 
     out = Path(args.out) if args.out else None
-    if args.resume and args.mode != "split":
-        raise SplitLMError(f"--resume: only split servers save their state so far, not {args.mode}")
     if args.resume and (out is None or not (out / STATE_FILE).is_file()):  # say so before loading the model
         where = "no --out given" if out is None else f"no {STATE_FILE} in {out}"
         raise SplitLMError(f"--resume: {where}; the state is written under --out at each round end and on shutdown")
-    if args.mode == "split" and args.cut is None:
-        raise SplitLMError("--cut K is needed with --mode split: the layer the devices' bundles were cut at")
+    role = f"its blocks from {args.cut} on" if args.mode == "split" else f"the global model ({args.mode})"
+    print(f"loading {args.model}; this server runs {role} ...", flush=True)
     if args.threads > 0:
         import torch
 
@@ -106,8 +120,6 @@ def _cmd_edge(args: argparse.Namespace) -> None:
 
     from splitlm.edge_client.client import EdgeClient, EdgeConfig, default_client_id
 
-    if args.resume and not args.state:
-        raise SplitLMError("--resume needs --state FILE: the state to continue from")
     cfg = EdgeConfig(url=args.url, bundle=Path(args.bundle), data=Path(args.data), steps=args.steps,
                      epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      seed=args.seed, client_id=args.client_id or default_client_id(Path(args.data)),
@@ -123,18 +135,28 @@ def _cmd_edge(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from splitlm.cloud_server.evaluate import evaluate
+    print(f"loading {args.model}" + (f" with the adapter {args.adapter}" if args.adapter else "") + " ...",
+          file=sys.stderr, flush=True)
+    import torch
 
-    result = evaluate(args.model, args.data, adapter=args.adapter, seq_len=args.seq_len,
-                      batch_size=args.batch_size, max_examples=args.max_examples)
-    print(json.dumps(result.as_dict()) if args.json else result.line())
+    from splitlm.cloud_server.evaluate import compare, evaluate
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_examples=args.max_examples, progress=None)
+    if args.adapter and not args.no_base:
+        result = compare(args.model, args.data, adapter=args.adapter, **kw)
+        print(json.dumps(result.as_dict()) if args.json else result.table())
+    else:
+        result = evaluate(args.model, args.data, adapter=args.adapter, **kw)
+        print(json.dumps(result.as_dict()) if args.json else result.line())
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from splitlm.demo import DemoConfig, default_workdir, run_demo
 
     run_demo(DemoConfig(workdir=Path(args.workdir) if args.workdir else default_workdir(),
-                        steps=args.steps, clients=args.clients))
+                        steps=args.steps, clients=args.clients, model=args.model))
 
 
 def _read_text(path: str) -> str:
@@ -145,9 +167,10 @@ def _read_text(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="splitlm", description="Split-learning fine-tuning of causal LMs across edge devices.")
+    parser = _Parser(prog="splitlm", description="Split-learning fine-tuning of causal LMs across edge devices.",
+                     epilog=EPILOGS["splitlm"], formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"splitlm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     p = sub.add_parser("default-model", help="print the folder of the embedded default model (SmolLM2-135M-Instruct)")
     p.set_defaults(run=_cmd_default_model)
@@ -155,13 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="cut a model at layer K and write a client bundle")
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
     p.add_argument("--cut", type=int, required=True, help="the device runs embeddings + blocks 0..K-1")
-    p.add_argument("--quant", default="q4", help=f"weight preset: {', '.join(QUANT_PRESETS)} (default q4)")
+    p.add_argument("--quant", default="q4", choices=QUANT_PRESETS, help="weight preset of the device's graphs")
     p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (the server must use the same)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha: updates scale by alpha/r")
     p.add_argument("--lora-targets", nargs="+", help="module names inside a block (default: q and v projections)")
     p.add_argument("--lora-seed", type=int, default=0, help="seed of the initial LoRA tensors")
-    p.add_argument("--labels", default="server", help=f"where labels live: {' or '.join(LABEL_PLACEMENTS)} (device adds tail.onnx)")
+    p.add_argument("--labels", default="server", choices=LABEL_PLACEMENTS,
+                   help="where labels live: device keeps tokens and labels on the device (adds tail.onnx)")
     p.add_argument("--max-length", type=int, default=2048, help="longest sequence the graphs accept")
     p.add_argument("--eval-text", help="a text file: report perplexity of the model vs this bundle's head")
     p.set_defaults(run=_cmd_export)
@@ -182,22 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="fedavg/distill: held-out data; each round's metrics get the global model's loss on it")
     p.add_argument("--update-wire", default="f32", choices=("f32", "f16", "q8"),
                    help="float codec for parameters on the wire (adapters, updates, globals)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed at start)")
-    p.add_argument("--labels", default="server", choices=LABEL_PLACEMENTS)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-targets", nargs="+")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--labels", default="server", choices=LABEL_PLACEMENTS,
+                   help="where labels live; must match the bundles' --labels")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; must match the bundles")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; must match the bundles")
+    p.add_argument("--lora-targets", nargs="+", help="module names inside a block; must match the bundles "
+                                                     "(default: q and v projections)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the body")
     p.add_argument("--full", action="store_true", help="train every body parameter instead of LoRA")
     p.add_argument("--seed", type=int, default=0, help="seed of the body's LoRA init")
     p.add_argument("--steps-per-round", "--local-steps", type=int, default=10,
                    help="split: steps between adapter averages; fedavg/distill: local steps per round")
     p.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for late clients")
     p.add_argument("--wire", default="f16", choices=("f32", "f16", "q8"), help="float codec on the wire")
-    p.add_argument("--max-clients", type=int, default=8)
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--max-clients", type=int, default=8, help="clients training at once; more are refused")
+    p.add_argument("--max-batch", type=int, default=16, help="largest batch a client may send")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="longest sequence a client may send")
     p.add_argument("--out", help="folder for per-round adapters and metrics, and the server state "
                                  "(server-state.safetensors, written at every round end and on SIGINT/SIGTERM)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/server-state.safetensors")
@@ -208,18 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)")
     p.add_argument("url", help="ws://HOST:PORT")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="the bundle folder `splitlm export` wrote")
     p.add_argument("--data", required=True, help=".txt, or .jsonl of {text} or {prompt, completion}")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=int)
-    group.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    group.add_argument("--steps", type=int, help="steps to train (instead of --epochs)")
+    group.add_argument("--epochs", type=int, default=1, help="passes over --data")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (longer ones are cut)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of this device's LoRA")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order")
     p.add_argument("--client-id", help="this device's id on the server (default: host name + a hash of --data's path)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
-    p.add_argument("--metrics-out", help="one JSON object per step")
+    p.add_argument("--metrics-out", help="a file to append one JSON object per step to")
     p.add_argument("--state", help="training state file (LoRA, optimizer, step), rewritten after every step")
     p.add_argument("--resume", action="store_true", help="continue from --state after this process died")
     p.add_argument("--reconnect-tries", type=int, default=8,
@@ -230,24 +256,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
     p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUT/round-0003/adapter")
     p.add_argument("--data", required=True, help=".txt, or .jsonl of {text} or {prompt, completion}")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-examples", type=int)
-    p.add_argument("--json", action="store_true", help="one JSON object instead of a line")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence, as the edge's --seq-len")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass for the loss")
+    p.add_argument("--max-examples", type=int, help="only the first N examples of --data")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object instead of a table (with --adapter: the adapter's numbers, the base's under \"base\")")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default, which is slow when other processes share the cores)")
+    p.add_argument("--no-base", action="store_true", help="with --adapter: skip the base model's numbers")
     p.set_defaults(run=_cmd_eval)
 
     p = sub.add_parser("demo", help="default model, a q4 bundle, a server and two edge clients on 127.0.0.1")
-    p.add_argument("--steps", type=int, default=20, help="steps per client")
-    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20, help="steps per client (a round every 5)")
+    p.add_argument("--clients", type=int, default=2, help="edge clients, each with its own slice of the data")
     p.add_argument("--workdir", help="where data, logs and results go (default ./splitlm-demo)")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a Hugging Face folder")
     p.set_defaults(run=_cmd_demo)
+    _guide(sub)
     return parser
+
+
+def _guide(sub) -> None:
+    """Every command's help shows defaults and examples, and says what the command is for."""
+    for action in sub._choices_actions:
+        p = sub.choices[action.dest]
+        p.formatter_class, p.epilog = _Help, EPILOGS.get(action.dest)
+        p.description = p.description or action.help
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `splitlm`: what it can do
+        parser.print_help()
+        return 2
+    quiet_dependencies()
     try:
+        check_args(args)
         args.run(args)
     except SplitLMError as e:
         print(f"splitlm {args.command}: error: {e}", file=sys.stderr)

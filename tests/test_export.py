@@ -163,7 +163,7 @@ def test_cli_export_writes_a_bundle_and_a_fidelity_report(tiny_llama, tmp_path):
     (["--cut", "2", "MISSING"], "no such model folder"),
     (["--cut", "4", "{model}"], "--cut must be in 1..3"),
     (["--cut", "0", "{model}"], "--cut must be in 1..3"),
-    (["--cut", "2", "--quant", "q3", "{model}"], "unknown quant preset 'q3'"),
+    (["--cut", "2", "--quant", "q3", "{model}"], "invalid choice: 'q3'"),
     (["--cut", "2", "{bert}"], "unsupported architecture 'bert'"),
     (["--cut", "2", "{empty}"], "not a Hugging Face model folder"),
 ])

@@ -292,11 +292,15 @@ def test_resume_without_a_state_is_a_clear_error(tiny_llama, tiny_bundle, tmp_pa
     assert r.returncode == 2 and "no state file at" in r.stderr, r.stderr
 
 
-def test_an_unreachable_server_is_a_clear_error_after_the_retries(tiny_bundle, tmp_path):
+def test_a_server_that_never_answered_is_a_clear_error_at_once(tiny_bundle, tmp_path):
+    """Backoff is for a link that once worked; a wrong address or a server not started fails fast."""
     (tmp_path / "x.txt").write_text("some text to train on " * 20)
-    r = run_cli("edge", f"ws://127.0.0.1:{free_port()}", "--bundle", str(tiny_bundle("server").path),
-                "--data", str(tmp_path / "x.txt"), "--reconnect-tries", "2")
-    assert r.returncode == 2 and "gave up after 2 reconnect tries" in r.stderr, r.stderr
+    url = f"ws://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = run_cli("edge", url, "--bundle", str(tiny_bundle("server").path), "--data", str(tmp_path / "x.txt"))
+    assert time.monotonic() - t0 < 20, "no backoff before the first connection (8 tries would take 40 s)"
+    assert r.returncode == 2 and f"nothing ever answered at {url}" in r.stderr, r.stderr
+    assert "link lost" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 # ---------------------------------------------------------------- the resume rule

@@ -1,0 +1,103 @@
+"""Arguments checked before any work: a typo costs a second, not a model load or an export.
+
+Each subcommand's check looks only at the arguments and the file system (no torch, no model),
+and raises `SplitLMError` with one line that names the option, what it expects and what it got.
+What needs the model itself (e.g. `--cut` against the number of layers) is checked where the
+model's config is first read, still before any weight is.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from splitlm.errors import SplitLMError
+
+
+def check_args(args: argparse.Namespace) -> None:
+    check = _CHECKS.get(args.command)
+    if check is not None:
+        check(args)
+
+
+def _export(args) -> None:
+    _model(args.model)
+    _at_least(args, lora_rank=1, max_length=3)  # --cut: export says the range once it has read config.json
+    _positive(lora_alpha=args.lora_alpha)
+    if args.eval_text:
+        _file("--eval-text", args.eval_text)
+
+
+def _serve(args) -> None:
+    _model(args.model)
+    _at_least(args, cut=1, lora_rank=1, steps_per_round=1, max_clients=1, max_batch=1, max_seq_len=2, threads=0)
+    _positive(lora_alpha=args.lora_alpha, lr=args.lr, round_deadline=args.round_deadline)
+    if not 0 <= args.port <= 65535:
+        raise SplitLMError(f"--port: expected 0..65535 (0 picks a free one), got {args.port}")
+    _at_least(args, rounds=0, topk=1)
+    if args.mode == "split" and args.cut is None:
+        raise SplitLMError("--cut K is needed with --mode split: the layer the devices' bundles were cut at")
+    if args.resume and args.mode != "split":
+        raise SplitLMError(f"--resume: only split servers save their state so far, not {args.mode}")
+    for option in ("public", "eval"):
+        if getattr(args, option):
+            _file(f"--{option}", getattr(args, option))
+
+
+def _edge(args) -> None:
+    if args.resume and not args.state:
+        raise SplitLMError("--resume needs --state FILE: the state to continue from")
+    if not args.url.startswith(("ws://", "wss://")):
+        raise SplitLMError(f"url: expected ws://HOST:PORT or wss://HOST:PORT, got {args.url!r}")
+    bundle = Path(args.bundle)
+    if not (bundle / "manifest.json").is_file():
+        what = "no such folder" if not bundle.is_dir() else "no manifest.json in it"
+        raise SplitLMError(f"--bundle: expected a bundle folder written by `splitlm export`, got {args.bundle} ({what})")
+    _file("--data", args.data)
+    _at_least(args, steps=1, epochs=1, batch_size=1, seq_len=2, threads=0, reconnect_tries=0)
+    _positive(lr=args.lr)
+
+
+def _eval(args) -> None:
+    _model(args.model)
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise SplitLMError(f"--adapter: expected a PEFT adapter folder (with adapter_config.json), got {args.adapter}")
+    _file("--data", args.data)
+    _at_least(args, seq_len=2, batch_size=1, max_examples=1, threads=0)
+
+
+def _demo(args) -> None:
+    _model(args.model)
+    _at_least(args, steps=1, clients=1)
+
+
+_CHECKS = {"export": _export, "serve": _serve, "edge": _edge, "eval": _eval, "demo": _demo}
+
+
+def _model(model: str) -> None:
+    if model == "default":
+        return
+    path = Path(model)
+    if not path.is_dir():
+        raise SplitLMError(f"no such model folder: {model} (expected a Hugging Face folder or 'default')")
+    if not (path / "config.json").is_file():
+        raise SplitLMError(f"{model} is not a Hugging Face model folder: no config.json")
+
+
+def _file(option: str, path: str) -> None:
+    if not Path(path).is_file():
+        raise SplitLMError(f"{option}: no such file: {path}")
+
+
+def _at_least(args, **minimum: int) -> None:
+    """Each named option (dest name) is an integer >= its minimum, or unset (None)."""
+    for dest, low in minimum.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise SplitLMError(f"--{dest.replace('_', '-')}: expected an integer >= {low}, got {value}")
+
+
+def _positive(**values: float) -> None:
+    for dest, value in values.items():
+        if value is not None and not value > 0:
+            raise SplitLMError(f"--{dest.replace('_', '-')}: expected a number > 0, got {value}")

@@ -1,0 +1,81 @@
+"""What `splitlm` tells a person about the next step: help examples and the commands that follow
+an export. Plain strings and pure functions, so tests read them and `--help` needs no torch."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+EPILOGS = {
+    "splitlm": """\
+a first run (default model, a q4 bundle, a server and two devices on this machine):
+  splitlm demo
+
+the steps one by one:
+  splitlm export default --cut 2 --quant q4 --out bundle
+  splitlm serve default --cut 2 --out runs
+  splitlm edge ws://127.0.0.1:8765 --bundle bundle --data mine.jsonl
+  splitlm eval default --adapter runs/round-0000/adapter --data held_out.jsonl
+
+`splitlm COMMAND --help` for each command's options.""",
+    "default-model": """\
+example:
+  splitlm default-model        # prints ~/.cache/splitlm/SmolLM2-135M-Instruct (built on first use, ~20 s)""",
+    "export": """\
+examples:
+  splitlm export default --cut 2 --quant q4 --out bundle
+  splitlm export ./my-model --cut 4 --quant q8 --labels device --out bundle-u
+
+at the end it prints the `splitlm serve` and `splitlm edge` lines that match the bundle.""",
+    "serve": """\
+examples:
+  splitlm serve default --cut 2 --out runs
+  splitlm serve default --cut 2 --host 0.0.0.0 --port 8765 --out runs --threads 1
+
+each round writes OUT/round-NNNN/adapter, a PEFT adapter of the whole model.""",
+    "edge": """\
+examples:
+  splitlm edge ws://127.0.0.1:8765 --bundle bundle --data mine.jsonl
+  splitlm edge ws://server:8765 --bundle bundle --data notes.txt --steps 100 --state edge.state --client-id pi-1
+
+--data: .txt, or .jsonl lines {"text": ...} or {"prompt": ..., "completion": ...}.""",
+    "eval": """\
+examples:
+  splitlm eval default --adapter runs/round-0003/adapter --data held_out.jsonl
+  splitlm eval default --data held_out.jsonl --json
+
+with --adapter it prints the base model and the adapter side by side.""",
+    "demo": """\
+examples:
+  splitlm demo
+  splitlm demo --steps 40 --workdir /tmp/demo
+
+it ends with the round whose adapter is the result and the `splitlm eval` line that judges it.""",
+}
+
+# serve's defaults for what must match a bundle: only a value that differs goes into the line
+_SERVE_DEFAULTS = {"labels": "server", "rank": 8, "alpha": 16.0}
+
+
+def export_next_steps(model: str, out: str | Path, manifest) -> list[str]:
+    """The `splitlm serve` and `splitlm edge` lines that match the bundle `manifest` at `out`."""
+    serve = ["splitlm", "serve", model, "--cut", str(manifest.cut)]
+    if manifest.labels != _SERVE_DEFAULTS["labels"]:
+        serve += ["--labels", manifest.labels]
+    lora = manifest.lora
+    if lora.rank != _SERVE_DEFAULTS["rank"]:
+        serve += ["--lora-rank", str(lora.rank)]
+    if float(lora.alpha) != _SERVE_DEFAULTS["alpha"]:
+        serve += ["--lora-alpha", f"{lora.alpha:g}"]
+    if tuple(lora.targets) != _default_targets(manifest.model.family):
+        serve += ["--lora-targets", *lora.targets]
+    serve += ["--out", "runs"]
+    edge = ["splitlm", "edge", "ws://SERVER:8765", "--bundle", str(out), "--data", "YOUR_DATA.jsonl"]
+    return ["next, on the server:", "  " + shlex.join(serve),
+            "and on each device (copy the bundle there; it needs no torch):", "  " + shlex.join(edge)]
+
+
+def _default_targets(family: str) -> tuple[str, ...]:
+    from splitlm.export.arch import DEFAULT_TARGETS  # torch: only export calls this
+
+    return tuple(DEFAULT_TARGETS.get(family, ()))

@@ -1,0 +1,35 @@
+"""Silence what our dependencies say about themselves, one message at a time.
+
+Each entry names one exact message a dependency prints on every run, which a user can do nothing
+about; our own warnings, and any message not listed, still show. Causes in our own code are
+fixed where they are, not filtered here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# (category, start of the message, who says it and why it is harmless)
+DEPENDENCY_WARNINGS = (
+    # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # torch.export pickles its own pytree specs and trips torch's own deprecation.
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+
+# torch.onnx's exporter logs "torchvision is not installed. Skipping torchvision::nms" (and three
+# more) each time it builds its registry; splitlm never needs torchvision's ops.
+DEPENDENCY_LOGGERS = ("torch.onnx._internal.exporter._registration",)
+
+
+def quiet_dependencies() -> None:
+    """Install the filters above; call before the dependencies are imported. Idempotent."""
+    for category, message in DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in DEPENDENCY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # transformers' "Loading weights" bar: a flash of carriage returns in every log; we say
+    # "loading ..." ourselves. A user who wants it back sets HF_HUB_DISABLE_PROGRESS_BARS=0.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
