@@ -115,15 +115,11 @@ class Body:
         h_n = self.arch.run_blocks(h_k, mask_t, self.cfg.cut, self.num_layers)
         loss = causal_lm_loss(self.arch.logits(h_n), self._tensor(labels, np.int64), mask_t)
         self._update(lambda: loss.backward())
-<<<<<<< HEAD
-        return float(loss), h_k.grad.cpu().numpy()
+        return float(loss.detach()), h_k.grad.cpu().numpy()
 
     def _tensor(self, array: np.ndarray, dtype=np.float32) -> torch.Tensor:
         """A copy of `array` on the body's device (activations move once per step each way)."""
         return torch.tensor(np.asarray(array, dtype), device=self.device)
-=======
-        return float(loss.detach()), h_k.grad.numpy()
->>>>>>> issue13-newcomer
 
     def forward_u(self, hidden: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, PendingStep]:
         """Labels on the device, first half: h_K -> h_N, keeping the graph for `backward_u`."""
