@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from splitlm.edge_client.data import (IGNORE_INDEX, PromptExample, collate, encode, read_examples,
+from splitlm.data import (IGNORE_INDEX, PromptExample, collate, encode, read_examples,
                                       tokenize)
 from splitlm.export.bundle import load_model
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from splitlm.edge_client.data import encode, load_tokenizer
+from splitlm.data import encode, load_tokenizer
 from splitlm.manifest import Bundle
 
 from .arch import Arch

@@ -27,6 +27,7 @@ KINDS: dict[str, type] = {}
 class _Message:
     kind: ClassVar[str]                # the wire "kind"
     wire: ClassVar[dict[str, v.Check]]  # field name -> check, in field order
+    parameters: ClassVar[bool] = False  # carries model parameters: encoded with the session's update codec
 
 
 def _message(kind: str, **wire: v.Check):
@@ -43,12 +44,20 @@ def _message(kind: str, **wire: v.Check):
 
 # ---------------------------------------------------------------- handshake
 
+MODES = ("split", "fedavg", "distill")
+TRAIN = ("lora", "full")
+
+
 @_message("hello", client_id=v.text, model_hash=v.text, cut=v.count,
           labels=v.one_of("server", "device"), lora_rank=v.count, lora_alpha=v.real,
           lora_targets=v.texts, codecs=v.texts, n_samples=v.count,
-          resume_step=v.optional(v.count))
+          resume_step=v.optional(v.count), mode=v.one_of(*MODES), train=v.one_of(*TRAIN),
+          public_hash=v.optional(v.text))
 class Hello(_Message):
-    """client -> server, first frame: who it is and what bundle it runs."""
+    """client -> server, first frame: who it is and what bundle it runs.
+
+    For fedavg and distill the bundle is the whole model: `cut` is its number of layers, and for
+    `train="full"` the LoRA fields are 0, 0.0 and ()."""
     client_id: str
     model_hash: str                 # the bundle manifest's source-model hash
     cut: int                        # K: the client runs layers [0, K)
@@ -59,20 +68,30 @@ class Hello(_Message):
     codecs: tuple[str, ...]         # codecs the client can decode
     n_samples: int                  # training examples it holds (FedAvg weight)
     resume_step: int | None         # the next step it will run, to resume; None: fresh
+    mode: str = "split"             # one of MODES, from the bundle's manifest
+    train: str = "lora"             # what the device trains: LoRA tensors or every decoder weight
+    public_hash: str | None = None  # distill: sha256 of the public set the bundle names
 
 
 @_message("welcome", session_id=v.text, codec=v.one_of(*FLOAT_CODECS),
           steps_per_round=v.count, round=v.count, step=v.count, max_frame_bytes=v.count,
-          head_adapter=v.float_tensors)
+          head_adapter=v.float_tensors, mode=v.one_of(*MODES),
+          update_codec=v.one_of(*FLOAT_CODECS), rounds=v.count, topk=v.count,
+          global_chunks=v.count)
 class Welcome(_Message):
     """server -> client: the session's settings and where training stands."""
     session_id: str
-    codec: str                          # codec for float tensors, both directions
-    steps_per_round: int                # R: steps between adapter averages
+    codec: str                          # codec for activations and their gradients, both directions
+    steps_per_round: int                # R: split steps between adapter averages; local steps otherwise
     round: int
     step: int
     max_frame_bytes: int                # the largest frame the server accepts
-    head_adapter: dict[str, np.ndarray]  # current global client LoRA; may be empty
+    head_adapter: dict[str, np.ndarray]  # split: current global client LoRA; may be empty
+    mode: str = "split"                 # the server's mode; must equal the bundle's
+    update_codec: str = "f32"           # codec for parameters: adapter, adapter_global, update, global
+    rounds: int = 0                     # rounds the server runs; 0: until it says bye
+    topk: int = 0                       # distill: k of the top-k logits
+    global_chunks: int = 0              # `global` frames that follow (0: start from the bundle's init)
 
 
 # ---------------------------------------------------------------- split training step
@@ -121,6 +140,7 @@ class Backward(_Message):
 @_message("adapter", round=v.count, tensors=v.float_tensors, n_samples=v.count)
 class Adapter(_Message):
     """client -> server, SplitFed round end: the client's LoRA tensors."""
+    parameters = True
     round: int
     tensors: dict[str, np.ndarray]
     n_samples: int       # averaging weight
@@ -129,35 +149,63 @@ class Adapter(_Message):
 @_message("adapter_global", round=v.count, tensors=v.float_tensors)
 class AdapterGlobal(_Message):
     """server -> client: the sample-weighted average of the clients' LoRA tensors."""
+    parameters = True
     round: int
     tensors: dict[str, np.ndarray]
 
 
-@_message("update", round=v.count, tensors=v.float_tensors, n_samples=v.count)
-class Update(_Message):
-    """client -> server, fedavg mode: parameter deltas after R local steps."""
-    round: int
-    tensors: dict[str, np.ndarray]
-    n_samples: int
+# ---------------------------------------------------------------- fedavg and distill rounds
+# A round's parameters or logits can exceed one frame: they travel as `chunks` frames, numbered
+# `chunk` = 0..chunks-1, each holding whole tensors (update, global) or a run of rows (logits).
 
-
-@_message("global", round=v.count, tensors=v.float_tensors)
-class Global(_Message):
-    """server -> client, fedavg mode: the averaged deltas."""
-    round: int
-    tensors: dict[str, np.ndarray]
-
-
-@_message("logits", round=v.count, indices=v.index_matrix, values=v.float_matrix,
+@_message("update", round=v.count, chunk=v.count, chunks=v.count, tensors=v.float_tensors,
           n_samples=v.count)
-class Logits(_Message):
-    """client -> server (and back, aggregated), distill mode: top-k logits on the public set."""
+class Update(_Message):
+    """client -> server, fedavg: one chunk of the delta (local - global at round start) of each
+    trainable tensor after R local steps."""
+    parameters = True
     round: int
+    chunk: int
+    chunks: int
+    tensors: dict[str, np.ndarray]
+    n_samples: int       # averaging weight
+
+    def __post_init__(self) -> None:
+        v.chunk_index(self.chunk, self.chunks, where="update")
+
+
+@_message("global", round=v.count, chunk=v.count, chunks=v.count, tensors=v.float_tensors,
+          delta=v.flag)
+class Global(_Message):
+    """server -> client, fedavg (and the starting point in distill): one chunk of the global
+    trainables of `round`; `delta`: add these to what you hold, else they are the values."""
+    parameters = True
+    round: int
+    chunk: int
+    chunks: int
+    tensors: dict[str, np.ndarray]
+    delta: bool
+
+    def __post_init__(self) -> None:
+        v.chunk_index(self.chunk, self.chunks, where="global")
+
+
+@_message("logits", round=v.count, chunk=v.count, chunks=v.count, start=v.count,
+          indices=v.index_matrix, values=v.float_matrix, n_samples=v.count)
+class Logits(_Message):
+    """distill, one chunk of rows [start, start + N) of the public set's top-k.
+    client -> server: raw logits of the device's local model; server -> client: the aggregate's
+    top-k as log-probabilities (n_samples: the samples it aggregates)."""
+    round: int
+    chunk: int
+    chunks: int
+    start: int           # first public row in this chunk
     indices: np.ndarray  # (N, k) int token ids
-    values: np.ndarray   # (N, k) float32 logits
+    values: np.ndarray   # (N, k) float32
     n_samples: int
 
     def __post_init__(self) -> None:
+        v.chunk_index(self.chunk, self.chunks, where="logits")
         v.same_shape(self.values, expected=getattr(self.indices, "shape", ()),
                      where="logits.values", what="indices' (N, k)")
 
@@ -192,7 +240,7 @@ Message = (Hello | Welcome | Forward | Hidden | TailGrad | Backward | Adapter | 
 
 def encode(msg: Message, *, seq: int, codec: str = "f32") -> bytes:
     """One frame for `msg`. Float tensors go with `codec` (f32, f16 or q8); integer and bool
-    tensors always go raw."""
+    tensors always go raw. A session picks `codec` per message with `codec_for`."""
     if KINDS.get(getattr(msg, "kind", None)) is not type(msg):
         raise bad(f"encode: expected a message dataclass, got {type(msg).__name__}")
     if codec not in FLOAT_CODECS:
@@ -201,6 +249,12 @@ def encode(msg: Message, *, seq: int, codec: str = "f32") -> bytes:
     for name in msg.wire:
         frame[name] = _to_wire(getattr(msg, name), codec=codec, where=f"{msg.kind}.{name}")
     return msgpack.packb(frame, use_bin_type=True)
+
+
+def codec_for(msg: Message, *, activations: str, parameters: str) -> str:
+    """The session's codec for `msg`: parameter kinds (adapter, update, global, ...) use the
+    update codec, everything else the activations' codec."""
+    return parameters if type(msg).parameters else activations
 
 
 def _to_wire(value: object, *, codec: str, where: str) -> object:

@@ -33,7 +33,7 @@ from .codes import bad
 
 FLOAT_CODECS = ("f32", "f16", "q8")
 CODECS = FLOAT_CODECS + ("raw",)
-RAW_DTYPES = ("int64", "int32", "int8", "uint8", "bool")
+RAW_DTYPES = ("int64", "int32", "int16", "uint16", "int8", "uint8", "bool")
 Q8_BLOCK = 64          # default q8 block length, along the flattened array
 MAX_Q8_BLOCK = 1 << 20
 MAX_NDIM = 8

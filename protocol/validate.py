@@ -89,6 +89,12 @@ def count(value: object, where: str, limits: Limits | None) -> int:
     return value
 
 
+def flag(value: object, where: str, limits: Limits | None) -> bool:
+    if type(value) is not bool:
+        raise bad(f"{where}: expected true or false, got {_show(value)}")
+    return value
+
+
 def real(value: object, where: str, limits: Limits | None) -> float:
     """A finite float (ints accepted)."""
     if type(value) not in (int, float) or not math.isfinite(value):
@@ -220,6 +226,12 @@ def same_shape(arr: np.ndarray | None, *, expected: tuple[int, ...], where: str,
     if arr is not None and getattr(arr, "shape", None) != tuple(expected):
         raise bad(f"{where}: expected shape {_shape_of(expected)} ({what}), "
                   f"got {_shape_of(getattr(arr, 'shape', ()))}")
+
+
+def chunk_index(chunk: int, chunks: int, *, where: str) -> None:
+    """A chunk number within its count: 0 <= chunk < chunks."""
+    if type(chunk) is int and type(chunks) is int and not 0 <= chunk < chunks:
+        raise bad(f"{where}.chunk: expected 0 <= chunk < chunks = {chunks}, got {chunk}")
 
 
 def _shape(arr: np.ndarray) -> str:

@@ -285,10 +285,10 @@ def test_mask_shape_must_match_hidden_batch_and_length():
 
 
 def test_logits_indices_and_values_must_match():
-    buf = frame("logits", round=0, indices=raw_tensor(np.zeros((3, 4), np.int32)),
+    buf = frame("logits", round=0, chunk=0, chunks=1, start=0, indices=raw_tensor(np.zeros((3, 4), np.int32)),
                 values=raw_tensor(np.zeros((3, 5), np.float32)), n_samples=1)
     refused(buf, "logits.values", "(3, 4)", "got (3, 5)")
-    buf = frame("logits", round=0, indices=raw_tensor(np.zeros((3, 4), np.float32)),
+    buf = frame("logits", round=0, chunk=0, chunks=1, start=0, indices=raw_tensor(np.zeros((3, 4), np.float32)),
                 values=raw_tensor(np.zeros((3, 4), np.float32)), n_samples=1)
     refused(buf, "logits.indices", "integer tensor", "float32")
 
@@ -309,7 +309,7 @@ def test_encode_refuses_what_cannot_be_sent():
     with pytest.raises(BadMessage, match="2\\*\\*127"):
         p.encode_tensor(np.array([3e38], np.float32), codec="f16")
     with pytest.raises(BadMessage, match="dtype in"):
-        p.encode_tensor(np.zeros(3, np.uint16), codec="raw")
+        p.encode_tensor(np.zeros(3, np.uint32), codec="raw")
 
 
 def test_building_a_forward_with_a_mismatched_mask_fails_at_once():

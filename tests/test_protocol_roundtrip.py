@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from splitlm import protocol as p
+from splitlm.errors import BadMessage
 from splitlm.protocol.reader import MAX_DEPTH, read_frame
 
 H = 16
@@ -142,13 +143,21 @@ SAMPLES = [
     p.Backward(step=8, grad=_rng_floats(B, T, H), loss=3.25),
     p.Adapter(round=1, tensors=_lora(), n_samples=64),
     p.AdapterGlobal(round=1, tensors=_lora()),
-    p.Update(round=2, tensors={"w": _rng_floats(3, 3)}, n_samples=5),
-    p.Global(round=2, tensors={"w": _rng_floats(3, 3)}),
-    p.Logits(round=4, indices=np.arange(12, dtype=np.int32).reshape(3, 4),
+    p.Update(round=2, chunk=0, chunks=2, tensors={"w": _rng_floats(3, 3)}, n_samples=5),
+    p.Global(round=2, chunk=1, chunks=2, tensors={"w": _rng_floats(3, 3)}, delta=True),
+    p.Logits(round=4, chunk=0, chunks=1, start=0, indices=np.arange(12, dtype=np.int32).reshape(3, 4),
+             values=_rng_floats(3, 4), n_samples=3),
+    p.Logits(round=4, chunk=2, chunks=3, start=96, indices=np.arange(12, dtype=np.uint16).reshape(3, 4),
              values=_rng_floats(3, 4), n_samples=3),
     p.Metrics(step=9, values={"loss": 2.0, "tokens_per_s": 812.5, "rss_mb": 410.0}),
     p.Error(code="bundle_mismatch", message="expected cut 2, got 3"),
     p.Bye(reason="done"),
+    p.Hello(client_id="pi-3", model_hash="x", cut=30, labels="server", lora_rank=0,
+            lora_alpha=0.0, lora_targets=(), codecs=("f32",), n_samples=9, resume_step=None,
+            mode="distill", train="full", public_hash="sha256:cd"),
+    p.Welcome(session_id="s3", codec="f16", steps_per_round=10, round=2, step=0,
+              max_frame_bytes=1 << 20, head_adapter={}, mode="fedavg", update_codec="q8",
+              rounds=3, topk=0, global_chunks=4),
 ]
 
 
@@ -192,10 +201,28 @@ def test_control_messages_decode_with_default_limits():
 
 
 def test_integer_tensors_go_raw_whatever_the_float_codec():
-    msg = SAMPLES[4]
+    msg = next(m for m in SAMPLES if m.kind == "forward" and m.labels is not None)
     _, out = p.decode(p.encode(msg, seq=1, codec="q8"), limits=LIMITS)
     assert out.labels.dtype == np.int64 and out.attention_mask.dtype == np.int64
     np.testing.assert_array_equal(out.labels, msg.labels)
+
+
+def test_parameters_use_the_update_codec_and_activations_the_activation_codec():
+    update = next(m for m in SAMPLES if m.kind == "update")
+    forward = next(m for m in SAMPLES if m.kind == "forward")
+    assert p.codec_for(update, activations="f16", parameters="f32") == "f32"
+    assert p.codec_for(forward, activations="f16", parameters="f32") == "f16"
+    frame = p.encode(update, seq=0, codec=p.codec_for(update, activations="f16", parameters="f32"))
+    np.testing.assert_array_equal(p.decode(frame, limits=LIMITS)[1].tensors["w"], update.tensors["w"])
+
+
+@pytest.mark.parametrize("kind", ["update", "global", "logits"])
+def test_a_chunk_number_outside_its_count_is_refused(kind):
+    msg = next(m for m in SAMPLES if m.kind == kind)
+    raw = msgpack.unpackb(p.encode(msg, seq=0), raw=False)
+    raw["chunk"] = raw["chunks"]
+    with pytest.raises(BadMessage, match=rf"{kind}.chunk: expected 0 <= chunk < chunks = {raw['chunks']}"):
+        p.decode(msgpack.packb(raw, use_bin_type=True), limits=LIMITS)
 
 
 def test_numpy_scalars_are_sent_as_python_numbers():
