@@ -8,23 +8,19 @@
 float32, by name in graph input order. The sessions share one copy of each frozen weight
 (`runtime.WeightPool`): train, topk and kd_grad embed the same embedding and blocks.
 
-Rows of a top-k answer: each position with attention_mask 1, in (sequence, position) order.
-`PublicSet` gives them a global order over the public set: the text packed into the manifest's
-`public.seq_len` pieces exactly as the device's reader packs training text (an eos after it), so
-row i is token i of that packed stream.
+Rows of a top-k answer: each position with attention_mask 1, in (sequence, position) order;
+`splitlm.public.PublicSet` numbers them over the whole public set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from splitlm.errors import BundleMismatch, DataError
-from splitlm.manifest import Bundle, sha256_file
-
-from .data import Batch, Dataset, Sequence, collate, encode, load_tokenizer, pack
+from splitlm.data import Batch
+from splitlm.errors import BundleMismatch
+from splitlm.manifest import Bundle
 from .optim import AdamW
 from .runtime import WeightPool, open_session
 
@@ -109,59 +105,3 @@ class LocalTrainer:
 def _tokens(batch: Batch) -> dict[str, np.ndarray]:
     return {"input_ids": np.ascontiguousarray(batch.input_ids, np.int64),
             "attention_mask": np.ascontiguousarray(batch.attention_mask, np.int64)}
-
-
-# ---------------------------------------------------------------- the public set
-
-@dataclass(frozen=True)
-class PublicSet:
-    """The distill public set as the device packs it; row i = token i of the packed stream."""
-
-    sequences: list[Sequence]
-    offsets: np.ndarray  # (S + 1,) row of each sequence's first token, then the row count
-    sha256: str
-
-    @staticmethod
-    def from_bundle(bundle: Bundle, path: str | Path | None = None) -> "PublicSet":
-        """Pack the bundle's public set (or `path`, which must have the manifest's sha256)."""
-        public = bundle.manifest.public
-        if not public:
-            raise BundleMismatch(f"bundle {bundle.path} has no public set: it is a {bundle.manifest.mode} bundle")
-        path = Path(path) if path else bundle.file(public["name"])
-        digest = sha256_file(path) if path.is_file() else "no such file"
-        if digest != public["sha256"]:
-            raise DataError(f"public set {path}: expected sha256 {public['sha256']} (the bundle's), got {digest}")
-        tokenizer = load_tokenizer(bundle.file("tokenizer.json"))
-        ids = encode(tokenizer, [path.read_text(encoding="utf-8")])
-        sequences = pack(ids, seq_len=public["seq_len"], eos_id=bundle.manifest.eos_token_id)
-        offsets = np.cumsum([0, *(len(s.ids) for s in sequences)])
-        return PublicSet(sequences, offsets, digest)
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.offsets[-1])
-
-    def batch(self, seqs: np.ndarray | list[int], *, pad_token_id: int) -> Batch:
-        return collate([self.sequences[i] for i in seqs], pad_token_id=pad_token_id)
-
-    def in_order(self, batch_size: int, *, pad_token_id: int):
-        """(first row, Batch) over every sequence in order: the top-k upload's row order."""
-        for i in range(0, len(self.sequences), batch_size):
-            yield int(self.offsets[i]), self.batch(range(i, min(i + batch_size, len(self.sequences))),
-                                                   pad_token_id=pad_token_id)
-
-    def shuffled(self, *, batch_size: int, pad_token_id: int, seed: int) -> Dataset:
-        """The public sequences as a Dataset: KD step s trains on `.indices(s)`."""
-        return Dataset(self.sequences, batch_size=batch_size, pad_token_id=pad_token_id, seed=seed)
-
-    def teacher(self, seqs: np.ndarray | list[int], indices: np.ndarray,
-                logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of sequences `seqs` from the aggregate (N, k), right-padded to (B, T, k)."""
-        lengths = [len(self.sequences[i].ids) for i in seqs]
-        k = indices.shape[1]
-        t_idx = np.zeros((len(seqs), max(lengths), k), np.int32)  # pads: index 0, masked out of the loss
-        t_lp = np.zeros((len(seqs), max(lengths), k), np.float32)
-        for row, (i, n) in enumerate(zip(seqs, lengths)):
-            start = int(self.offsets[i])
-            t_idx[row, :n], t_lp[row, :n] = indices[start:start + n], logprobs[start:start + n]
-        return t_idx, t_lp

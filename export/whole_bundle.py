@@ -104,7 +104,7 @@ def initial_values(graphs: WholeGraphs, opts) -> dict[str, np.ndarray]:
 
 def _write_public(staging: Path, model_path: Path, opts) -> dict:
     """Copy the public set into the bundle; its name, sha256, token count and packing length."""
-    from splitlm.edge_client.data import encode, load_tokenizer
+    from splitlm.data import encode, load_tokenizer
 
     src = Path(opts.public) if opts.public else default_public()
     try:

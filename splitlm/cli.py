@@ -30,11 +30,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from splitlm.export.bundle import ExportOptions, export_bundle, load_model
     from splitlm.export.fidelity import fidelity_report
 
-    opts = ExportOptions(cut=args.cut, quant=args.quant, labels=args.labels, lora_rank=args.lora_rank,
+    if args.mode == "split" and args.cut is None:
+        raise SplitLMError("--cut K is required with --mode split (the device runs blocks 0..K-1)")
+    opts = ExportOptions(cut=args.cut or 0, quant=args.quant, labels=args.labels, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
-                         lora_seed=args.lora_seed, max_length=args.max_length)
+                         lora_seed=args.lora_seed, max_length=args.max_length, mode=args.mode, train=args.train,
+                         topk=args.topk, public=Path(args.public) if args.public else None,
+                         public_seq_len=args.public_seq_len)
     eval_text = _read_text(args.eval_text) if args.eval_text else None
     export_bundle(args.model, args.out, opts, log=lambda line: print(line, flush=True))
+    if args.mode != "split":
+        return  # the fidelity report compares a head; a whole-model bundle has none
     model, _ = load_model(args.model)
     print("fidelity:")
     for line in fidelity_report(Path(args.out), model, eval_text=eval_text).lines():
@@ -71,7 +77,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_edge(args: argparse.Namespace) -> None:
     import asyncio
 
-    from splitlm.edge_client.client import EdgeClient, EdgeConfig
+    from splitlm.edge_client.client import EdgeConfig, make_client
 
     if args.resume and not args.state:
         raise SplitLMError("--resume needs --state FILE: the state to continue from")
@@ -81,7 +87,7 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                      metrics_out=Path(args.metrics_out) if args.metrics_out else None,
                      state=Path(args.state) if args.state else None, resume=args.resume,
                      reconnect_tries=args.reconnect_tries)
-    summary = asyncio.run(EdgeClient(cfg).run())
+    summary = asyncio.run(make_client(cfg).run())
     print(f"{args.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))
 
@@ -120,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="cut a model at layer K and write a client bundle")
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
-    p.add_argument("--cut", type=int, required=True, help="the device runs embeddings + blocks 0..K-1")
+    p.add_argument("--cut", type=int, help="--mode split (required there): the device runs embeddings + blocks 0..K-1")
+    p.add_argument("--mode", default="split", choices=("split", "fedavg", "distill"),
+                   help="split: the device runs the head; fedavg / distill: the whole model (default split)")
+    p.add_argument("--train", default="lora", choices=("lora", "full"),
+                   help="fedavg / distill: train LoRA on every block, or every block weight + final norm")
+    p.add_argument("--topk", type=int, default=32, help="distill: the largest k a session may ask for")
+    p.add_argument("--public", help="distill: the public set (.txt; default the packaged splitlm/data/public.txt)")
+    p.add_argument("--public-seq-len", type=int, default=128, help="distill: the public set's sequence length")
     p.add_argument("--quant", default="q4", help=f"weight preset: {', '.join(QUANT_PRESETS)} (default q4)")
     p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
     p.add_argument("--lora-rank", type=int, default=8)
