@@ -14,7 +14,8 @@ on across rounds (local AdamW state, as in FedAvg with a stateful client optimiz
 
 Every local and KD step is one meter record (`phase`: "local" or "kd", with its `round`), a
 round's exchange with the server is one more (`phase`: "exchange": its bytes, wait and compute),
-and each round adds one `phase: "round"` line (the totals of its records) to the metrics file.
+and each round adds one `phase: "round"` line (the totals of its records) to the metrics file;
+the closing `bye` is a last record.
 """
 
 from __future__ import annotations
@@ -227,9 +228,11 @@ class FederatedClient:
         first = await self._recv(ws, Global, Bye)
         if isinstance(first, Bye):
             self.trainer.set_params({n: start[n] + delta[n] for n in start})  # keep what we trained
-            return False
-        await self._receive_global(ws, first, delta=True)
-        return True
+        else:
+            # delta: after the round closed. Values: the server had moved on (we were late) and resends them.
+            await self._receive_global(ws, first, delta=first.delta)
+        self._end_exchange()
+        return not isinstance(first, Bye)
 
     async def distill_round(self, ws: ClientConnection, welcome: Welcome) -> bool:
         self.local_steps(welcome.steps_per_round)
@@ -238,10 +241,12 @@ class FederatedClient:
         await self._send_logits(ws, indices, values, welcome)
         first = await self._recv(ws, Logits, Bye)
         if isinstance(first, Bye):
+            self._end_exchange()
             return False
         t_idx, t_lp = await self._receive_logits(ws, first)
+        self._end_exchange()
         self.kd_steps(welcome.steps_per_round, t_idx, t_lp)
-        self.round += 1
+        self.round = max(first.round, self.round + 1)  # the aggregate may carry the next round's number
         return True
 
     def public_topk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +269,9 @@ class FederatedClient:
         k = first.indices.shape[1]
         t_idx, t_lp = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
         seen = np.zeros(n, bool)
-        parts, msg = Chunks("logits", self.round), first
+        if first.round < self.round:
+            raise ProtocolViolation(f"logits.round: expected the aggregate of round {self.round}, got {first.round}")
+        parts, msg = Chunks("logits", first.round), first
         while True:
             parts.add(msg)
             s, e = msg.start, msg.start + len(msg.indices)
@@ -308,17 +315,17 @@ class FederatedClient:
     async def session(self, ws: ClientConnection) -> None:
         welcome = await self._join(ws)
         run_round = self.fedavg_round if self.manifest.mode == "fedavg" else self.distill_round
-        while not welcome.rounds or len(self.rounds) < welcome.rounds:
+        while not welcome.rounds or self.round < welcome.rounds:
             round = self.round
             going_on = await run_round(ws, welcome)
-            self._close_step_bytes()
             self._close_round(round)
             if not going_on:
                 return
         await self._send(ws, Bye(reason="done"))
+        self.meter.end_step(step=self.step, loss=None, round=self.round, phase="bye")
 
-    def _close_step_bytes(self) -> None:
-        """The round's exchange (bytes, waiting) after its last step: a record of its own."""
+    def _end_exchange(self) -> None:
+        """The round's exchange with the server (bytes, waiting, top-k, applying): a record of its own."""
         self.meter.end_step(step=self.step - 1, loss=None, round=self.round, phase="exchange")
 
     async def run(self) -> dict:

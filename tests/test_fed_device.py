@@ -220,3 +220,160 @@ def test_bad_export_options_are_refused_before_any_work(bundles, tmp_path, opts,
     with pytest.raises(ExportError, match=message):
         export_bundle(str(model_dir), tmp_path / "b", ExportOptions(**opts), log=lambda *_: None)
     assert not (tmp_path / "b").exists()
+
+
+# --- the session loop against a scripted server on 127.0.0.1 --------------------------------------
+
+def client_config(url, bundle, data_file, tmp_path):
+    from splitlm.edge_client.client import EdgeConfig
+
+    return EdgeConfig(url=url, bundle=bundle.path, data=data_file, batch_size=2, seq_len=20, lr=LR, seed=3,
+                      threads=1, client_id="dev-1", metrics_out=tmp_path / "metrics.jsonl")
+
+
+async def serve_script(script):
+    """A websockets server on 127.0.0.1 running `script(ws, recv, send)` for one connection."""
+    from websockets.asyncio.server import serve
+
+    from splitlm.protocol import Limits, decode, encode
+
+    log = {"up": 0, "down": 0}
+
+    async def handler(ws):
+        async def recv():
+            frame = await ws.recv()
+            log["up"] += len(frame)
+            return decode(frame, limits=Limits())[1]
+
+        async def send(msg):
+            frame = encode(msg, seq=0, codec="f32")
+            log["down"] += len(frame)
+            await ws.send(frame)
+
+        log["result"] = await script(recv, send)
+
+    server = await serve(handler, "127.0.0.1", 0, max_size=None)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"ws://127.0.0.1:{port}", log
+
+
+def welcome(**kw):
+    from splitlm.protocol import Welcome
+
+    base = dict(session_id="s", codec="f32", steps_per_round=2, round=0, step=0, max_frame_bytes=100_000,
+                head_adapter={}, mode="fedavg", update_codec="f32", rounds=2, topk=0, global_chunks=0)
+    return Welcome(**{**base, **kw})
+
+
+def test_fedavg_rounds_send_chunked_deltas_and_apply_the_global(bundles, data_file, tmp_path):
+    import asyncio
+
+    from splitlm.edge_client.federated import FederatedClient, chunk_tensors
+    from splitlm.protocol import Bye, Global, Hello, Update
+
+    _, bundle = bundles["gpt2"]
+    start = {n: a + 0.01 for n, a in bundle.trainables_init().items()}
+    reference = LocalTrainer(bundle, lr=LR, threads=1)
+    data = Dataset.from_file(data_file, bundle, batch_size=2, seq_len=20, seed=3)
+
+    async def script(recv, send):
+        hello = await recv()
+        assert isinstance(hello, Hello) and (hello.mode, hello.train, hello.cut) == ("fedavg", "full", 2)
+        values = chunk_tensors(start, max_frame_bytes=100_000)
+        await send(welcome(global_chunks=len(values)))
+        for i, tensors in enumerate(values):
+            await send(Global(round=0, chunk=i, chunks=len(values), tensors=tensors, delta=False))
+        reference.set_params(start)
+        chunk_counts = []
+        for round in range(2):
+            begin = {n: a.copy() for n, a in reference.params.items()}
+            for step in (2 * round, 2 * round + 1):
+                reference.train_step(data.batch(step))
+            parts = []
+            while not parts or len(parts) < parts[0].chunks:
+                parts.append(await recv())
+                assert isinstance(parts[-1], Update) and parts[-1].round == round
+            chunk_counts.append(len(parts))
+            delta = {n: a for p in parts for n, a in p.tensors.items()}
+            for n in begin:
+                np.testing.assert_allclose(delta[n], reference.params[n] - begin[n], rtol=1e-5, atol=1e-7)
+            half = {n: d * 0.5 for n, d in delta.items()}  # as if averaged with a client that did not move
+            reference.set_params({n: begin[n] + half[n] for n in begin})
+            for i, tensors in enumerate(chunks := chunk_tensors(half, max_frame_bytes=100_000)):
+                await send(Global(round=round + 1, chunk=i, chunks=len(chunks), tensors=tensors, delta=True))
+        assert isinstance(await recv(), Bye)
+        return chunk_counts
+
+    async def main():
+        server, url, log = await serve_script(script)
+        client = FederatedClient(client_config(url, bundle, data_file, tmp_path))
+        async with server:
+            summary = await client.run()
+        return client, summary, log
+
+    client, summary, log = asyncio.run(main())
+    assert min(log["result"]) > 2  # a 100 kB frame limit split each update
+    for n, a in reference.params.items():
+        np.testing.assert_allclose(client.trainer.params[n], a, rtol=1e-5, atol=1e-7)
+    assert client.round == 2 and summary["rounds"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in lines if r["phase"] != "local"] == ["exchange", "round"] * 2 + ["bye"]
+    assert sum(r["bytes_up"] for r in lines if r["phase"] != "round") == log["up"]
+    assert sum(r["bytes_down"] for r in lines if r["phase"] == "round") == log["down"]
+    assert sum(r["bytes_up"] for r in lines if r["phase"] == "exchange") > 2 * sum(a.nbytes for a in start.values())
+    assert all(r["rss_peak_mb"] > 0 and r["compute_s"] > 0 for r in lines if r["phase"] == "local")
+
+
+def test_distill_round_uploads_public_topk_and_distills_toward_the_aggregate(bundles, data_file, tmp_path):
+    import asyncio
+
+    from splitlm.edge_client.federated import FederatedClient
+    from splitlm.protocol import Bye, Hello, Logits
+
+    _, bundle = bundles["llama"]
+    public = PublicSet.from_bundle(bundle)
+    reference = LocalTrainer(bundle, lr=LR, threads=1)
+    data = Dataset.from_file(data_file, bundle, batch_size=2, seq_len=20, seed=3)
+    k = 4
+
+    async def script(recv, send):
+        hello = await recv()
+        assert isinstance(hello, Hello) and hello.public_hash == bundle.manifest.public["sha256"]
+        await send(welcome(mode="distill", topk=k, rounds=1, steps_per_round=1))
+        reference.train_step(data.batch(0))
+        parts = [await recv()]
+        while len(parts) < parts[0].chunks:
+            parts.append(await recv())
+        assert all(isinstance(p, Logits) for p in parts) and parts[0].start == 0
+        indices = np.concatenate([p.indices for p in parts])
+        values = np.concatenate([p.values for p in parts])
+        want = [reference.topk(b, k) for _, b in public.in_order(2, pad_token_id=0)]
+        assert indices.shape == (public.n_rows, k) and indices.dtype == np.uint16
+        np.testing.assert_array_equal(indices, np.concatenate([w[0] for w in want]))
+        np.testing.assert_allclose(values, np.concatenate([w[1] for w in want]), rtol=1e-5, atol=1e-6)
+        logprobs = (values - np.log(np.exp(values).sum(1, keepdims=True))).astype(np.float32)
+        half = public.n_rows // 2  # the aggregate comes back in two chunks of rows
+        for i, (s, e) in enumerate([(0, half), (half, public.n_rows)]):
+            await send(Logits(round=0, chunk=i, chunks=2, start=s, indices=indices[s:e].astype(np.int32),
+                              values=logprobs[s:e], n_samples=10))
+        seqs = Dataset(public.sequences, batch_size=2, pad_token_id=0, seed=3).indices(0)
+        reference.distill_step(public.batch(seqs, pad_token_id=0), public.rows(seqs, indices.astype(np.int32)),
+                               public.rows(seqs, logprobs))
+        assert isinstance(await recv(), Bye)
+        return len(parts)
+
+    async def main():
+        server, url, log = await serve_script(script)
+        client = FederatedClient(client_config(url, bundle, data_file, tmp_path))
+        async with server:
+            summary = await client.run()
+        return client, summary, log
+
+    client, summary, log = asyncio.run(main())
+    for n, a in reference.params.items():
+        np.testing.assert_allclose(client.trainer.params[n], a, rtol=1e-5, atol=1e-7)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in lines] == ["local", "exchange", "kd", "round", "bye"]
+    # Bytes up: the public set's top-k, k x (2-byte index + 4-byte value) a row, plus hello, headers, bye.
+    payload = public.n_rows * k * (2 + 4)
+    assert payload < log["up"] < payload + 2_000 and log["up"] == sum(r["bytes_up"] for r in lines[:-2]) + lines[-1]["bytes_up"]
