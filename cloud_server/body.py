@@ -40,6 +40,15 @@ class BodyConfig:
     lr: float = 1e-3                # AdamW, betas (0.9, 0.999), eps 1e-8, no weight decay
     full: bool = False              # train every body parameter instead of LoRA
     seed: int = 0                   # body LoRA init
+    device: str = "auto"            # "auto": CUDA when torch sees a GPU, else the CPU
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Copies of what a round writes, taken on the body's thread (see `Body.snapshot`)."""
+    head: dict[str, np.ndarray]          # the head LoRA under bundle names
+    lora: dict[str, torch.Tensor]        # every LoRA tensor under PEFT names
+    model: dict[str, torch.Tensor] | None  # full: the whole model's weights under plain HF names
 
 
 @dataclass
@@ -64,6 +73,9 @@ class Body:
         peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                  target_modules=list(self.targets), fan_in_fan_out=family == "gpt2")
         self.peft = get_peft_model(model, peft_config)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if cfg.device == "auto" else cfg.device)
+        self.peft.to(self.device)
         self.arch = Arch.of(self.peft.base_model.model)
         self.optimizer = torch.optim.AdamW(self._trainable(), lr=cfg.lr, weight_decay=0.0)
 
@@ -98,23 +110,27 @@ class Body:
 
     def step(self, hidden: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Labels at the server: one whole step. Returns (loss, dL/dh_K)."""
-        h_k = torch.tensor(hidden, dtype=torch.float32, requires_grad=True)  # (B, T, H), a copy
-        mask_t = torch.as_tensor(np.asarray(mask, np.int64))                 # (B, T)
+        h_k = self._tensor(hidden).requires_grad_(True)                        # (B, T, H), a copy
+        mask_t = self._tensor(mask, np.int64)                                  # (B, T)
         h_n = self.arch.run_blocks(h_k, mask_t, self.cfg.cut, self.num_layers)
-        loss = causal_lm_loss(self.arch.logits(h_n), torch.as_tensor(np.asarray(labels, np.int64)), mask_t)
+        loss = causal_lm_loss(self.arch.logits(h_n), self._tensor(labels, np.int64), mask_t)
         self._update(lambda: loss.backward())
-        return float(loss), h_k.grad.numpy()
+        return float(loss), h_k.grad.cpu().numpy()
+
+    def _tensor(self, array: np.ndarray, dtype=np.float32) -> torch.Tensor:
+        """A copy of `array` on the body's device (activations move once per step each way)."""
+        return torch.tensor(np.asarray(array, dtype), device=self.device)
 
     def forward_u(self, hidden: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, PendingStep]:
         """Labels on the device, first half: h_K -> h_N, keeping the graph for `backward_u`."""
-        h_k = torch.tensor(hidden, dtype=torch.float32, requires_grad=True)
-        h_n = self.arch.run_blocks(h_k, torch.as_tensor(np.asarray(mask, np.int64)), self.cfg.cut, self.num_layers)
-        return h_n.detach().numpy(), PendingStep(h_k, h_n)
+        h_k = self._tensor(hidden).requires_grad_(True)
+        h_n = self.arch.run_blocks(h_k, self._tensor(mask, np.int64), self.cfg.cut, self.num_layers)
+        return h_n.detach().cpu().numpy(), PendingStep(h_k, h_n)
 
     def backward_u(self, pending: PendingStep, grad_n: np.ndarray) -> np.ndarray:
         """Labels on the device, second half: dL/dh_N -> update -> dL/dh_K."""
-        self._update(lambda: pending.h_n.backward(torch.tensor(grad_n, dtype=torch.float32)))
-        return pending.h_k.grad.numpy()
+        self._update(lambda: pending.h_n.backward(self._tensor(grad_n)))
+        return pending.h_k.grad.cpu().numpy()
 
     def _update(self, backward) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -129,7 +145,7 @@ class Body:
         for name, p in self.peft.named_parameters():
             match = _PEFT_NAME.match(name)
             if match and (self._layer_of(name) < self.cfg.cut) == head:
-                out[f"{match.group(1)}.{match.group(2)}"] = p.detach().numpy().copy()
+                out[f"{match.group(1)}.{match.group(2)}"] = p.detach().cpu().numpy().copy()
         return out
 
     def set_head_adapter(self, tensors: dict[str, np.ndarray]) -> None:
@@ -138,7 +154,7 @@ class Body:
         with torch.no_grad():
             for name, value in tensors.items():
                 module, _, which = name.rpartition(".")
-                params[f"base_model.model.{module}.{which}.default.weight"].copy_(torch.from_numpy(np.asarray(value)))
+                params[f"base_model.model.{module}.{which}.default.weight"].copy_(torch.from_numpy(np.asarray(value, np.float32)))
 
     # ------------------------------------------------------------------ resumable state
 
@@ -146,9 +162,9 @@ class Body:
         """What training changes: `body.<param>` for each trained parameter and
         `adam.<param>.{step,exp_avg,exp_avg_sq}` for AdamW's state (absent before the first step)."""
         names = self._trained_names()
-        out = {f"body.{n}": p.detach().clone() for n, p in zip(names, self.optimizer.param_groups[0]["params"])}
+        out = {f"body.{n}": p.detach().cpu().clone() for n, p in zip(names, self.optimizer.param_groups[0]["params"])}
         for i, per_param in self.optimizer.state_dict()["state"].items():
-            out |= {f"adam.{names[i]}.{k}": torch.as_tensor(v).detach().clone() for k, v in per_param.items()}
+            out |= {f"adam.{names[i]}.{k}": torch.as_tensor(v).detach().cpu().clone() for k, v in per_param.items()}
         return out
 
     def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -172,3 +188,21 @@ class Body:
     def save_adapter(self, folder: Path) -> None:
         """One PEFT adapter for the whole model: PeftModel.from_pretrained(base, folder) loads it."""
         self.peft.save_pretrained(folder)
+
+    def snapshot(self) -> Snapshot:
+        """Copies of what a round writes, so the writer can write while the body trains on."""
+        state = self.peft.state_dict()
+        lora = {k: v.detach().clone() for k, v in state.items() if "lora_" in k}
+        model = None
+        if self.cfg.full:  # the trained base weights, under the names a plain HF model has
+            prefix = "base_model.model."
+            model = {k[len(prefix):].replace(".base_layer.", "."): v.detach().clone()
+                     for k, v in state.items() if "lora_" not in k}
+        return Snapshot(head=self.lora_tensors(head=True), lora=lora, model=model)
+
+    def save_snapshot(self, folder: Path, snap: Snapshot) -> None:
+        """folder/adapter: the whole-model PEFT adapter. With --full also folder/model: the base
+        weights the body trained (save_pretrained), which that adapter goes on top of."""
+        self.peft.save_pretrained(folder / "adapter", state_dict=snap.lora)
+        if snap.model is not None:
+            self.peft.get_base_model().save_pretrained(folder / "model", state_dict=snap.model)

@@ -30,13 +30,24 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from splitlm.errors import SplitLMError
 from splitlm.manifest import Bundle
 from splitlm.protocol import (FLOAT_CODECS, Adapter, AdapterGlobal, Backward, Bye, Error, Forward, Hello,
-                              Hidden, Limits, TailGrad, Welcome, decode, encode)
+                              Hidden, Limits, TailGrad, Welcome, codec_for, decode, encode)
 
 from .data import Dataset
 from .meter import Meter
 from .optim import AdamW
 from .runtime import HeadRuntime
 from .state import EdgeState, Position, Resume, StateError, client_resume, load_state, save_state
+
+
+def default_client_id(data: Path) -> str:
+    """A device's id when none is given: its host name and a hash of its data file's absolute
+    path, so two devices (or two data files on one host) never share an id, and a restarted
+    device gets the same one back (the server keeps progress by id)."""
+    import hashlib
+    import socket
+
+    digest = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,8 @@ class EdgeClient:
         self.limits = Limits(hidden_size=m.model.hidden_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.data.steps_per_epoch
         self._seq = itertools.count()
-        self.codec = "f32"
+        self.codec = "f32"              # activations, from the welcome
+        self.update_codec = "f32"       # parameters (adapter), from the welcome
         self.round = 0
         self.step = 0                   # the next step to run
         self.steps_per_round = 0        # from the server's welcome
@@ -139,7 +151,8 @@ class EdgeClient:
     # ------------------------------------------------------------------ wire
 
     async def _send(self, ws: ClientConnection, msg) -> None:
-        frame = encode(msg, seq=next(self._seq), codec=self.codec)
+        frame = encode(msg, seq=next(self._seq),
+                       codec=codec_for(msg, activations=self.codec, parameters=self.update_codec))
         self.meter.count_up(len(frame))
         await ws.send(frame)
 
@@ -163,7 +176,10 @@ class EdgeClient:
                                    lora_targets=m.lora.targets, codecs=FLOAT_CODECS,
                                    n_samples=self.data.n_samples, resume_step=self.step if resuming else None))
         welcome = await self._recv(ws, Welcome)
-        self.codec, self.steps_per_round = welcome.codec, welcome.steps_per_round
+        if welcome.mode != "split":
+            raise ServerError(f"the server runs {welcome.mode!r}; this bundle is for split learning")
+        self.codec, self.update_codec = welcome.codec, welcome.update_codec
+        self.steps_per_round = welcome.steps_per_round
         self.limits = Limits(max_frame_bytes=welcome.max_frame_bytes, hidden_size=m.model.hidden_size)
         if not resuming:
             await self._start(welcome)

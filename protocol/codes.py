@@ -15,6 +15,7 @@ ERROR_CODES = (
     "too_large",        # a frame over the receiver's max_frame_bytes
     "bundle_mismatch",  # the client's bundle is not the model / cut / LoRA spec served
     "server_full",      # no room for another client
+    "already_connected",  # a live session for this client id exists
     "internal",         # anything else; the peer is not at fault
 )
 

@@ -50,45 +50,74 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     import asyncio
 
-    from splitlm.cloud_server.body import Body, BodyConfig
-    from splitlm.cloud_server.server import ServeConfig, SplitServer, serve_until_stopped
+    from splitlm.cloud_server.server import Server, serve_until_stopped
     from splitlm.cloud_server.state import STATE_FILE, load_state
+    from splitlm.cloud_server.strategy import ServeConfig
 
     out = Path(args.out) if args.out else None
+    if args.resume and args.mode != "split":
+        raise SplitLMError(f"--resume: only split servers save their state so far, not {args.mode}")
     if args.resume and (out is None or not (out / STATE_FILE).is_file()):  # say so before loading the model
         where = "no --out given" if out is None else f"no {STATE_FILE} in {out}"
         raise SplitLMError(f"--resume: {where}; the state is written under --out at each round end and on shutdown")
+    if args.mode == "split" and args.cut is None:
+        raise SplitLMError("--cut K is needed with --mode split: the layer the devices' bundles were cut at")
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    body = Body(BodyConfig(model=args.model, cut=args.cut, labels=args.labels, lora_rank=args.lora_rank,
-                           lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
-                           lr=args.lr, full=args.full, seed=args.seed))
-    cfg = ServeConfig(host=args.host, port=args.port, steps_per_round=args.steps_per_round, codec=args.wire,
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    cfg = ServeConfig(host=args.host, port=args.port, mode=args.mode, steps_per_round=args.steps_per_round,
+                      rounds=args.rounds, codec=args.wire, update_codec=args.update_wire, topk=args.topk,
                       max_clients=args.max_clients, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                       round_deadline_s=args.round_deadline, out=out, save_state=out is not None)
-    server = SplitServer(body, cfg, log=lambda line: print(line, flush=True))
+    strategy = _strategy(args, cfg, log)
     if args.resume:
-        server.restore(load_state(server.state_path, config=server.state_config()))
-    asyncio.run(serve_until_stopped(server))
+        strategy.restore(load_state(strategy.state_path, config=strategy.state_config()))
+    asyncio.run(serve_until_stopped(Server(strategy, log=log)))
+
+
+def _strategy(args: argparse.Namespace, cfg, log):
+    targets = tuple(args.lora_targets or ()) or None
+    if args.mode == "split":
+        from splitlm.cloud_server.body import Body, BodyConfig
+        from splitlm.cloud_server.split import SplitStrategy
+
+        body = Body(BodyConfig(model=args.model, cut=args.cut, labels=args.labels, lora_rank=args.lora_rank,
+                               lora_alpha=args.lora_alpha, lora_targets=targets, lr=args.lr, full=args.full,
+                               seed=args.seed))
+        return SplitStrategy(body, cfg, log=log)
+    from splitlm.cloud_server.global_model import GlobalConfig, GlobalModel
+
+    model = GlobalModel(GlobalConfig(model=args.model, train=args.train, lora_rank=args.lora_rank,
+                                     lora_alpha=args.lora_alpha, lora_targets=targets, lr=args.lr, seed=args.seed))
+    eval_data = Path(args.eval) if args.eval else None
+    if args.mode == "fedavg":
+        from splitlm.cloud_server.fedavg import FedAvgStrategy
+
+        return FedAvgStrategy(model, cfg, eval_data=eval_data, log=log)
+    from splitlm.cloud_server.distill import DistillStrategy
+
+    return DistillStrategy(model, cfg, public=Path(args.public) if args.public else None, eval_data=eval_data,
+                           log=log)
 
 
 def _cmd_edge(args: argparse.Namespace) -> None:
     import asyncio
 
-    from splitlm.edge_client.client import EdgeConfig, make_client
+    from splitlm.edge_client.client import EdgeConfig, default_client_id, make_client
 
     if args.resume and not args.state:
         raise SplitLMError("--resume needs --state FILE: the state to continue from")
     cfg = EdgeConfig(url=args.url, bundle=Path(args.bundle), data=Path(args.data), steps=args.steps,
                      epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                     seed=args.seed, client_id=args.client_id, threads=args.threads,
+                     seed=args.seed, client_id=args.client_id or default_client_id(Path(args.data)),
+                     threads=args.threads,
                      metrics_out=Path(args.metrics_out) if args.metrics_out else None,
                      state=Path(args.state) if args.state else None, resume=args.resume,
                      reconnect_tries=args.reconnect_tries)
     summary = asyncio.run(make_client(cfg).run())
-    print(f"{args.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    print(f"{cfg.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))
 
 
@@ -145,9 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", help="a text file: report perplexity of the model vs this bundle's head")
     p.set_defaults(run=_cmd_export)
 
-    p = sub.add_parser("serve", help="host the body (blocks K..N) for edge clients")
+    p = sub.add_parser("serve", help="host the body (split) or the global model (fedavg, distill) for edge clients")
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
-    p.add_argument("--cut", type=int, required=True)
+    p.add_argument("--mode", default="split", choices=("split", "fedavg", "distill"),
+                   help="split: devices run blocks 0..K-1; fedavg: devices train the whole model and the server "
+                        "averages; distill: devices share top-k logits on a public set")
+    p.add_argument("--cut", type=int, help="split only: the layer K the bundles were cut at")
+    p.add_argument("--train", default="lora", choices=("lora", "full"),
+                   help="fedavg/distill: what is trained, LoRA tensors or every decoder weight")
+    p.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (0: run until stopped)")
+    p.add_argument("--topk", type=int, default=16, help="distill: k of the top-k logits devices send")
+    p.add_argument("--public", help="distill: the public text file (default: the one shipped with splitlm)")
+    p.add_argument("--eval", help="fedavg/distill: held-out data; each round's metrics get the global model's loss on it")
+    p.add_argument("--update-wire", default="f32", choices=("f32", "f16", "q8"),
+                   help="float codec for parameters on the wire (adapters, updates, globals)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed at start)")
     p.add_argument("--labels", default="server", choices=LABEL_PLACEMENTS)
@@ -157,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--full", action="store_true", help="train every body parameter instead of LoRA")
     p.add_argument("--seed", type=int, default=0, help="seed of the body's LoRA init")
-    p.add_argument("--steps-per-round", type=int, default=10)
+    p.add_argument("--steps-per-round", "--local-steps", type=int, default=10,
+                   help="split: steps between adapter averages; fedavg/distill: local steps per round")
     p.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for late clients")
     p.add_argument("--wire", default="f16", choices=("f32", "f16", "q8"), help="float codec on the wire")
     p.add_argument("--max-clients", type=int, default=8)
@@ -182,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    p.add_argument("--client-id", default="edge")
+    p.add_argument("--client-id", help="this device's id on the server (default: host name + a hash of --data's path)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     p.add_argument("--metrics-out", help="one JSON object per step")
     p.add_argument("--state", help="training state file (LoRA, optimizer, step), rewritten after every step")

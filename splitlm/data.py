@@ -163,3 +163,10 @@ def collate(sequences: list[Sequence], *, pad_token_id: int) -> Batch:
         mask[row, :len(s.ids)] = 1
         labels[row, :len(s.ids)] = s.labels
     return Batch(ids, mask, labels)
+
+
+def pack_public(text: str, tokenizer: Tokenizer, *, seq_len: int, eos_id: int) -> list[Sequence]:
+    """The distill public set: the whole text as one example packed into `seq_len` pieces (an eos
+    after it), as training text is. Row i of a top-k exchange is token i of this packed stream, on
+    the device and on the server alike."""
+    return pack(encode(tokenizer, [text]), seq_len=seq_len, eos_id=eos_id)

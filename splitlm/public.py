@@ -2,8 +2,8 @@
 
 Torch-free and beside the manifest because the device (top-k upload, KD steps) and the server
 (aggregation, its own distillation) must agree on what row i is. The public text is packed with
-the tokenization contract (`splitlm.data.pack`: the text's ids, an eos, cut into the manifest's
-`public.seq_len` pieces), and row i is token i of that packed stream: sequence s holds rows
+the tokenization contract (`splitlm.data.pack_public`: the text's ids, an eos, cut into the
+manifest's `public.seq_len` pieces; the server packs with the same function), and row i is token i of that packed stream: sequence s holds rows
 [offsets[s], offsets[s + 1]). A top-k answer for a batch of sequences lists its mask==1
 positions in (sequence, position) order, which is the same order.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitlm.data import Batch, Sequence, collate, encode, load_tokenizer, pack
+from splitlm.data import Batch, Sequence, collate, load_tokenizer, pack_public
 from splitlm.errors import DataError
 from splitlm.manifest import Bundle, sha256_file
 
@@ -30,8 +30,7 @@ class PublicSet:
 
     @staticmethod
     def from_text(text: str, *, tokenizer_file: str | Path, seq_len: int, eos_id: int, sha256: str) -> "PublicSet":
-        ids = encode(load_tokenizer(tokenizer_file), [text])
-        sequences = pack(ids, seq_len=seq_len, eos_id=eos_id)
+        sequences = pack_public(text, load_tokenizer(tokenizer_file), seq_len=seq_len, eos_id=eos_id)
         return PublicSet(sequences, np.cumsum([0, *(len(s.ids) for s in sequences)]), sha256)
 
     @staticmethod

@@ -7,6 +7,8 @@ mid-step. Afterwards the good client must have done every step exactly once.
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import subprocess
 import time
@@ -18,16 +20,19 @@ from websockets.sync.client import connect
 
 from splitlm.demo import write_ledger_data
 from splitlm.manifest import Bundle
-from splitlm.protocol import Error, Forward, Hello, Hidden, Limits, Welcome, decode, encode
+from splitlm.protocol import Adapter, Error, Forward, Hello, Hidden, Limits, Welcome, decode, encode
 
 from .conftest import ServerProcess, edge_cmd
 
 GOOD_STEPS = 300
 
 
+_ids = itertools.count()
+
+
 def hello_for(bundle: Bundle, **change) -> Hello:
     m = bundle.manifest
-    fields = dict(client_id="mallory", model_hash=m.model.hash, cut=m.cut, labels=m.labels, lora_rank=m.lora.rank,
+    fields = dict(client_id=f"mallory-{next(_ids)}", model_hash=m.model.hash, cut=m.cut, labels=m.labels, lora_rank=m.lora.rank,
                   lora_alpha=m.lora.alpha, lora_targets=m.lora.targets, codecs=("f32", "f16", "q8"),
                   n_samples=1, resume_step=None)
     return Hello(**{**fields, **change})
@@ -140,6 +145,34 @@ def test_a_client_over_max_clients_is_refused(training):
     finally:
         for ws in opened:
             ws.close()
+
+
+def test_a_second_live_session_for_a_client_id_is_refused_and_the_first_trains_on(training):
+    server, bundle, _, _ = training
+    first = connect(server.url, max_size=None)
+    first.send(encode(hello_for(bundle, client_id="twin"), seq=0))
+    assert isinstance(recv(first), Welcome)
+    second = connect(server.url, max_size=None)
+    try:
+        second.send(encode(hello_for(bundle, client_id="twin"), seq=0))
+        reply = recv(second)
+        assert reply.code == "already_connected" and "'twin' is already connected" in reply.message
+        first.send(forward_frame(bundle))
+        assert recv(first).kind in ("backward", "hidden")  # the first session still owns its slot
+    finally:
+        second.close()
+        first.close()
+
+
+def test_an_adapter_with_no_samples_is_refused_before_it_can_void_a_round(training):
+    server, bundle, _, _ = training
+    ws = joined(server.url, bundle)
+    try:
+        ws.send(encode(Adapter(round=0, tensors=bundle.lora_init(), n_samples=0), seq=1))
+        reply = recv(ws)
+        assert reply.code == "bad_message" and "adapter.n_samples: expected > 0" in reply.message
+    finally:
+        ws.close()
 
 
 def test_a_client_vanishing_mid_step_loses_only_its_own_step(training):

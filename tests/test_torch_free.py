@@ -33,7 +33,7 @@ def edge_modules() -> list[str]:
     import splitlm.edge_client
     import splitlm.protocol
 
-    mods = ["splitlm.manifest", "splitlm.errors", "splitlm.cli"]
+    mods = ["splitlm.manifest", "splitlm.errors", "splitlm.data", "splitlm.cli"]
     for pkg in (splitlm.protocol, splitlm.edge_client):
         mods.append(pkg.__name__)
         mods += [m.name for m in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + ".")]

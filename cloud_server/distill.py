@@ -1,0 +1,191 @@
+"""KD-FedLLM: devices train locally, then share only their top-k logits on a public set; the
+server aggregates them, distills its own global model toward the aggregate, and sends it back for
+the devices to distill toward. No weights cross the wire, so device and server models may differ in
+size as long as they share the tokenizer.
+
+A round on the wire:
+    device             R local steps on its private data (as in fedavg)
+    device -> server   logits{round, chunk i of n, start, indices (N, k), values (N, k) raw logits}
+                       covering every public row once (row i = token i of the packed public set)
+    server             aggregate_topk (sample-weighted mixture of the renormalised top-k) ->
+                       R KD steps of the global model on the public set -> held-out loss
+    server -> device   logits{round + 1, ..., values = aggregate log-probabilities} to each reporter
+    device             KD steps toward the aggregate, then the next round; bye after the last
+
+Bytes a round, each way: public tokens x k x (value bytes + index bytes) plus frame headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from splitlm.errors import BadMessage, BundleMismatch
+from splitlm.manifest import sha256_file
+from splitlm.protocol import Hello, Limits, Logits, Welcome
+
+from .aggregate import aggregate_topk
+from .fedavg import FedAvgStrategy
+from .global_model import GlobalModel
+from .strategy import Conn, ServeConfig
+
+
+def default_public() -> Path:
+    """The public set shipped with splitlm (splitlm/data/public.txt)."""
+    import splitlm
+
+    return Path(splitlm.__file__).resolve().parent / "data" / "public.txt"
+
+
+@dataclass
+class PartialLogits:
+    """One device's top-k rows for the open round, as they arrive."""
+    round: int
+    chunks: int
+    n_samples: int
+    indices: np.ndarray
+    values: np.ndarray
+    received: set[int] = field(default_factory=set)
+    rows: np.ndarray = None  # (n_rows,) bool: rows filled so far
+
+    def add(self, msg: Logits, *, vocab: int) -> None:
+        n = msg.indices.shape[0]
+        if msg.chunks != self.chunks:
+            raise BadMessage(f"logits.chunks: expected {self.chunks} (as the round's first chunk said), got {msg.chunks}")
+        if msg.chunk in self.received:
+            raise BadMessage(f"logits.chunk: chunk {msg.chunk} of round {msg.round} arrived twice")
+        if msg.start + n > len(self.rows):
+            raise BadMessage(f"logits: rows {msg.start}..{msg.start + n - 1} are past the public set's {len(self.rows)} rows")
+        if msg.indices.shape[1] != self.indices.shape[1]:
+            raise BadMessage(f"logits.indices: expected k = {self.indices.shape[1]} columns, got {msg.indices.shape[1]}")
+        lo, hi = int(msg.indices.min(initial=0)), int(msg.indices.max(initial=0))
+        if lo < 0 or hi >= vocab:
+            raise BadMessage(f"logits.indices: expected token ids in 0..{vocab - 1}, got {lo if lo < 0 else hi}")
+        if self.rows[msg.start:msg.start + n].any():
+            raise BadMessage(f"logits: rows {msg.start}..{msg.start + n - 1} overlap rows already sent")
+        self.received.add(msg.chunk)
+        self.rows[msg.start:msg.start + n] = True
+        self.indices[msg.start:msg.start + n] = msg.indices
+        self.values[msg.start:msg.start + n] = msg.values
+
+
+class DistillStrategy(FedAvgStrategy):
+    mode = "distill"
+
+    def __init__(self, model: GlobalModel, cfg: ServeConfig, *, public: Path | None = None,
+                 public_seq_len: int = 128, eval_data: Path | None = None, log=print):
+        super().__init__(model, cfg, eval_data=eval_data, log=log)
+        from transformers import AutoTokenizer
+
+        from splitlm.data import collate, pack_public
+
+        self.public_path = public or default_public()
+        self.public_hash = sha256_file(self.public_path)
+        tok = AutoTokenizer.from_pretrained(model.path)
+        eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        self.sequences = pack_public(self.public_path.read_text(encoding="utf-8"), tok.backend_tokenizer,
+                                     seq_len=public_seq_len, eos_id=eos)
+        self.offsets = np.cumsum([0, *(len(s.ids) for s in self.sequences)])
+        self._collate = collate
+        self.n_rows = int(self.offsets[-1])
+        row_bytes = cfg.topk * 8
+        self.limits = Limits(max_frame_bytes=max(cfg.max_chunk_bytes, row_bytes * 4096) + (1 << 20))
+        self.partial_logits: dict[str, PartialLogits] = {}
+        self.kd_step = 0
+
+    def describe(self) -> str:
+        return (f"model {self.model.path.name}, distill ({self.model.cfg.train}), public set {self.public_path.name}: "
+                f"{self.n_rows} tokens, top-{self.cfg.topk}, {self.cfg.steps_per_round} local and KD steps a round")
+
+    def check_hello(self, hello: Hello) -> None:
+        if hello.mode != self.mode:
+            super().check_hello(hello)  # says which mode is served
+        if hello.public_hash != self.public_hash:
+            raise BundleMismatch(f"hello.public_hash: this server distills on {self.public_path.name} "
+                                 f"(sha256 {self.public_hash[:12]}...), the bundle names {str(hello.public_hash)[:12]}...")
+        if self.cfg.codec not in hello.codecs:
+            raise BadMessage(f"hello.codecs: the server sends {self.cfg.codec!r}, the client decodes {list(hello.codecs)}")
+        if hello.model_hash != self.model.model_hash:  # the tokenizer must be shared; the model hash is the proof we have
+            raise BundleMismatch("hello.model_hash: the bundle was exported from another model than this server's")
+
+    async def join(self, conn: Conn, hello: Hello) -> list:
+        self.conns[conn.client_id] = conn
+        self.log(f"client {conn.client_id} joined ({hello.n_samples} samples), round {self.round}")
+        return [Welcome(session_id=conn.session_id, codec=self.cfg.codec, steps_per_round=self.cfg.steps_per_round,
+                        round=self.round, step=0, max_frame_bytes=self.limits.max_frame_bytes, head_adapter={},
+                        mode=self.mode, update_codec=self.cfg.update_codec, rounds=self.cfg.rounds,
+                        topk=self.cfg.topk, global_chunks=0)]
+
+    async def handle(self, conn: Conn, msg) -> list:
+        if not isinstance(msg, Logits):
+            raise BadMessage(f"unexpected {msg.kind!r} in distill: expected logits or bye")
+        if msg.round != self.round:
+            raise BadMessage(f"logits.round: the server is at round {self.round}, got {msg.round}")
+        if msg.n_samples <= 0:
+            raise BadMessage(f"logits.n_samples: expected > 0 (the averaging weight), got {msg.n_samples}")
+        k = self.cfg.topk
+        partial = self.partial_logits.get(conn.client_id)
+        if partial is None or partial.round != msg.round:
+            partial = self.partial_logits[conn.client_id] = PartialLogits(
+                msg.round, msg.chunks, msg.n_samples, np.zeros((self.n_rows, k), np.int64),
+                np.zeros((self.n_rows, k), np.float32), rows=np.zeros(self.n_rows, bool))
+        try:
+            partial.add(msg, vocab=self.model.vocab_size)
+        except BadMessage:
+            self.partial_logits.pop(conn.client_id, None)
+            raise
+        if len(partial.received) < partial.chunks:
+            return []
+        del self.partial_logits[conn.client_id]
+        if not partial.rows.all():
+            raise BadMessage(f"logits: all {partial.chunks} chunks arrived but {int((~partial.rows).sum())} of "
+                             f"{self.n_rows} public rows are missing")
+        await self.rounds.report(conn.client_id, (partial.indices, partial.values, partial.n_samples, conn),
+                                 set(self.conns))
+        return []
+
+    async def _close_round(self, reports: dict) -> None:
+        finished = self.round - 1
+        idx, logp = aggregate_topk([(i, v, n) for i, v, n, _ in reports.values()], k=self.cfg.topk)
+        kd_loss, loss = await asyncio.get_running_loop().run_in_executor(self.writer._pool, self._distill, idx, logp)
+        reports3 = {cid: (None, n, conn) for cid, (_, _, n, conn) in reports.items()}
+        metrics = self.round_metrics(finished, reports3, eval_loss=loss) | {"kd_loss": kd_loss, "public_rows": self.n_rows}
+        snapshot = self.model.snapshot()
+        self.writer.write(finished, lambda folder: self.model.save(folder, snapshot), metrics)
+        self.log(f"round {finished} closed: {len(reports)} clients, server KD loss {kd_loss:.4f}"
+                 + (f", held-out loss {loss:.4f}" if loss is not None else ""))
+        wire_idx = idx.astype(np.uint16) if self.model.vocab_size <= 1 << 16 else idx
+        for cid in reports:
+            conn = self.conns.get(cid)
+            if conn is not None:
+                for frame in self.logit_frames(wire_idx, logp):
+                    await conn.send(frame)
+        await self.finish_if_done()
+
+    def logit_frames(self, idx: np.ndarray, logp: np.ndarray) -> list[Logits]:
+        rows = max(1, self.cfg.max_chunk_bytes // (idx.shape[1] * (idx.itemsize + 4)))
+        starts = list(range(0, self.n_rows, rows))
+        return [Logits(round=self.round, chunk=i, chunks=len(starts), start=s, indices=idx[s:s + rows],
+                       values=logp[s:s + rows], n_samples=1) for i, s in enumerate(starts)]
+
+    def _distill(self, idx: np.ndarray, logp: np.ndarray) -> tuple[float, float | None]:
+        """R KD steps of the global model on the public set, sequences in a fixed cycle, batch 8."""
+        losses = []
+        for _ in range(self.cfg.steps_per_round):
+            n_seq = len(self.sequences)
+            seqs = [(self.kd_step * 8 + j) % n_seq for j in range(min(8, n_seq))]
+            self.kd_step += 1
+            batch = self._collate([self.sequences[s] for s in seqs], pad_token_id=self.pad)
+            rows = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in seqs])
+            losses.append(self.model.distill_step(batch, idx[rows], logp[rows]))
+        loss = self.model.mean_loss(self.eval_batches) if self.eval_batches else None
+        return float(np.mean(losses)), loss
+
+    async def leave(self, conn: Conn) -> None:
+        self.partial_logits.pop(conn.client_id, None)
+        await super().leave(conn)

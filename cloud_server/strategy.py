@@ -1,0 +1,159 @@
+"""What a mode decides, apart from the connection shell (Flower's `Strategy` split).
+
+The shell (`server.Server`) owns sockets: it decodes each frame, refuses strangers and twins, and
+turns any exception into an `error` for that connection only. A `Strategy` owns what training
+means in its mode: what a hello must match, what to say in the welcome, how each message is
+handled and when a round closes. The aggregation math is in `aggregate` (pure functions), the disk
+work in `writer`.
+
+    Strategy.check_hello(hello)           raise BundleMismatch / BadMessage to refuse
+    Strategy.join(conn, hello) -> [msg]   the welcome and what follows it
+    Strategy.handle(conn, msg) -> [msg]   replies to that connection
+    Strategy.leave(conn)                  the connection is gone (bye or not)
+
+`Rounds` is the round bookkeeping every mode shares: who has reported, who is awaited, the
+deadline, and closing once (a round closes on the last expected report, on the deadline, or when
+the last missing client leaves: three triggers, one `maybe_close`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitlm.errors import BadMessage, BundleMismatch
+from splitlm.protocol import Hello, Limits
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    mode: str = "split"              # split, fedavg or distill
+    steps_per_round: int = 10        # split: steps between adapter averages; fedavg/distill: local steps
+    rounds: int = 0                  # stop after this many rounds (0: run until stopped)
+    codec: str = "f16"               # activations and their gradients, both directions
+    update_codec: str = "f32"        # parameters: adapters, updates, globals
+    max_clients: int = 8
+    max_batch: int = 16
+    max_seq_len: int = 1024
+    max_chunk_bytes: int = 8 << 20   # update / global / logits chunks stay under this
+    topk: int = 16                   # distill: k of the devices' top-k logits
+    round_deadline_s: float = 300.0  # a round closes this long after its first report
+    step_timeout_s: float = 120.0    # how long a U-shape step may wait for the client's tail_grad
+    out: Path | None = None
+    save_state: bool = False         # split: write OUT/server-state.safetensors at round ends and on shutdown
+
+
+@dataclass
+class Conn:
+    """One connection, as strategies see it. `client_id` is unique among open connections."""
+    session_id: str
+    client_id: str
+    n_samples: int
+    send: Callable[[object], Awaitable[None]]      # encode with the session's codecs and send
+    close: Callable[[int, str], Awaitable[None]]
+    seq: itertools.count = field(default_factory=itertools.count)
+    said_bye: bool = False
+    bytes_in: int = 0     # frame bytes received from this connection, headers included
+    bytes_out: int = 0    # frame bytes sent to it
+
+
+def refuse_mismatch(want: dict, got: dict) -> None:
+    """Raise BundleMismatch listing every field where the hello differs from what is served."""
+    wrong = [f"{k}: server serves {want[k]!r}, bundle has {got[k]!r}" for k in want if want[k] != got[k]]
+    if wrong:
+        raise BundleMismatch("bundle does not match this server: " + "; ".join(wrong))
+
+
+class Strategy:
+    """The base: the mode's name, the frame limits, and the checks every mode makes."""
+
+    mode: str = ""
+
+    def __init__(self, cfg: ServeConfig, *, log=print):
+        self.cfg, self.log = cfg, log
+        self.finished = asyncio.Event()   # set once `cfg.rounds` rounds have closed
+        self.conns: dict[str, Conn] = {}  # by client_id: the open connections
+
+    limits: Limits
+
+    def check_hello(self, hello: Hello) -> None:
+        if hello.mode != self.mode:
+            raise BundleMismatch(f"hello.mode: this server runs {self.mode!r}, the bundle is for {hello.mode!r}; "
+                                 f"export a bundle with --mode {self.mode} or serve with --mode {hello.mode}")
+        if self.cfg.codec not in hello.codecs or self.cfg.update_codec not in hello.codecs:
+            raise BadMessage(f"hello.codecs: the server sends {self.cfg.codec!r} and {self.cfg.update_codec!r}, "
+                             f"the client decodes {list(hello.codecs)}")
+
+    async def join(self, conn: Conn, hello: Hello) -> list:
+        raise NotImplementedError
+
+    async def handle(self, conn: Conn, msg) -> list:
+        raise NotImplementedError
+
+    async def leave(self, conn: Conn) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """A clean shutdown: every connection handler has returned."""
+
+    def describe(self) -> str:
+        return self.mode
+
+
+class Rounds:
+    """Reports by client_id for the open round, the clients it waits for, and its deadline.
+
+    A round waits for every connected client and every one gone without a bye (or restored from a
+    saved state) until it is back; it closes when they have all reported, or `deadline_s` after
+    its first report. `close` is the strategy's round end; it runs at most once per round.
+    """
+
+    def __init__(self, *, deadline_s: float, close: Callable[[dict], Awaitable[None]], log=print):
+        self.number = 0
+        self.reports: dict[str, object] = {}
+        self.awaited: set[str] = set()
+        self._deadline_s, self._close, self.log = deadline_s, close, log
+        self._deadline: asyncio.Task | None = None
+
+    def complete(self, connected: set[str]) -> bool:
+        return bool(self.reports) and self.reports.keys() >= connected | self.awaited
+
+    async def report(self, client_id: str, report: object, connected: set[str]) -> None:
+        self.reports[client_id] = report
+        await self.maybe_close(connected)
+        if self.reports and self._deadline is None:
+            self.start_deadline()
+
+    async def maybe_close(self, connected: set[str]) -> None:
+        if self.complete(connected):
+            await self.close()
+
+    def start_deadline(self) -> None:
+        if self.reports and self._deadline is None:
+            self._deadline = asyncio.create_task(self._close_at_deadline(self.number))
+
+    async def _close_at_deadline(self, number: int) -> None:
+        await asyncio.sleep(self._deadline_s)
+        if self.number == number and self.reports:
+            self.log(f"round {number}: deadline passed with {len(self.reports)} reports")
+            self._deadline = None
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the open round with the reports it has: the strategy aggregates them."""
+        if self._deadline is not None and self._deadline is not asyncio.current_task():
+            self._deadline.cancel()
+        self._deadline = None
+        reports, self.reports, self.awaited = self.reports, {}, set()
+        self.number += 1
+        await self._close(reports)
+
+    def cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
