@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from splitlm.errors import BundleMismatch
 from splitlm.manifest import Bundle
@@ -321,7 +322,10 @@ class FederatedClient:
             self._close_round(round)
             if not going_on:
                 return
-        await self._send(ws, Bye(reason="done"))
+        try:
+            await self._send(ws, Bye(reason="done"))
+        except ConnectionClosed:
+            pass  # the server said bye after the last round and closed first
         self.meter.end_step(step=self.step, loss=None, round=self.round, phase="bye")
 
     def _end_exchange(self) -> None:
@@ -331,7 +335,8 @@ class FederatedClient:
     async def run(self) -> dict:
         async with connect(self.cfg.url, max_size=None, compression=None, ping_interval=20, ping_timeout=120) as ws:
             await self.session(ws)
-        summary = self.meter.summary()
-        summary["rounds"] = len(self.rounds)
+        summary = self.meter.summary()  # its per-step means are over every record (local, kd, exchange, bye)
+        summary = {"records": summary.pop("steps"), "local_steps": self.step, "kd_steps": self.kd_step,
+                   "rounds": len(self.rounds), **summary}
         print(f"{self.cfg.client_id}: {self.manifest.mode} done after {len(self.rounds)} rounds", file=sys.stderr)
         return summary
