@@ -28,12 +28,13 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from splitlm.errors import BundleMismatch
+from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.manifest import Bundle
 from splitlm.protocol import (FLOAT_CODECS, Bye, Error, Global, Hello, Limits, Logits, Update, Welcome,
                               codec_for, decode, encode)
 from splitlm.public import PublicSet
 
+from .client import EdgeConfig, ServerError
 from .data import Dataset
 from .local import LocalTrainer
 from .meter import Meter, rss_peak_mb
@@ -101,8 +102,8 @@ class Chunks:
         return [self.parts[i] for i in range(self.total or 0)]
 
 
-class ProtocolViolation(BundleMismatch):
-    """The server sent something this session's rules do not allow."""
+class ProtocolViolation(BadMessage):
+    """A valid frame that this session's rules do not allow here (round, chunk, rows, delta)."""
 
 
 # ---------------------------------------------------------------- the client
@@ -110,9 +111,7 @@ class ProtocolViolation(BundleMismatch):
 class FederatedClient:
     """One device's fedavg or distill session; `run()` returns the meter's summary."""
 
-    def __init__(self, cfg):
-        from .client import EdgeConfig  # noqa: F401 - cfg is an EdgeConfig
-
+    def __init__(self, cfg: EdgeConfig):
         self.cfg = cfg
         self.bundle = Bundle.open(cfg.bundle)
         m = self.manifest = self.bundle.manifest
@@ -139,8 +138,6 @@ class FederatedClient:
         await ws.send(frame)
 
     async def _recv(self, ws: ClientConnection, *expected: type):
-        from .client import ServerError
-
         with self.meter.wait():
             frame = await ws.recv()
         self.meter.count_down(len(frame))

@@ -377,3 +377,45 @@ def test_distill_round_uploads_public_topk_and_distills_toward_the_aggregate(bun
     # Bytes up: the public set's top-k, k x (2-byte index + 4-byte value) a row, plus hello, headers, bye.
     payload = public.n_rows * k * (2 + 4)
     assert payload < log["up"] < payload + 2_000 and log["up"] == sum(r["bytes_up"] for r in lines[:-2]) + lines[-1]["bytes_up"]
+
+
+def test_a_server_in_another_mode_is_refused_by_the_device(bundles, data_file, tmp_path):
+    import asyncio
+
+    from splitlm.edge_client.federated import FederatedClient
+
+    _, bundle = bundles["llama"]
+
+    async def script(recv, send):
+        await recv()
+        await send(welcome(mode="fedavg"))
+
+    async def main():
+        server, url, _ = await serve_script(script)
+        async with server:
+            await FederatedClient(client_config(url, bundle, data_file, tmp_path)).run()
+
+    from splitlm.errors import BundleMismatch
+
+    with pytest.raises(BundleMismatch, match="the server runs mode 'fedavg', this bundle is a 'distill' bundle"):
+        asyncio.run(main())
+
+
+def test_chunking_keeps_whole_tensors_under_the_frame_limit_and_refuses_repeats():
+    from splitlm.edge_client.federated import Chunks, ProtocolViolation, chunk_tensors, row_chunks
+    from splitlm.protocol import Global
+
+    tensors = {f"t{i}": np.ones(1000 * (i + 1), np.float32) for i in range(5)}  # 4 kB .. 20 kB
+    chunks = chunk_tensors(tensors, max_frame_bytes=30_000)
+    assert [list(c) for c in chunks] == [["t0", "t1", "t2"], ["t3"], ["t4"]]
+    with pytest.raises(ValueError, match="tensor t4 .* over the frame budget"):
+        chunk_tensors(tensors, max_frame_bytes=20_000)
+    assert row_chunks(10, bytes_per_row=1000, max_frame_bytes=5_000) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    parts = Chunks("global", 1)
+    parts.add(Global(round=1, chunk=1, chunks=2, tensors={}, delta=True))
+    with pytest.raises(ProtocolViolation, match="global chunk 1/2: expected one of the 2 chunks not yet received"):
+        parts.add(Global(round=1, chunk=1, chunks=2, tensors={}, delta=True))
+    with pytest.raises(ProtocolViolation, match="global.round: expected 1, got 2"):
+        parts.add(Global(round=2, chunk=0, chunks=2, tensors={}, delta=True))
+    parts.add(Global(round=1, chunk=0, chunks=2, tensors={}, delta=True))
+    assert parts.complete
