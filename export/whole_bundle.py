@@ -25,17 +25,13 @@ from .lora import LoRAInputs, LoRASpec
 from .whole import WholeGraphs, export_whole_graphs
 
 PUBLIC = "public.txt"
-DEFAULT_PUBLIC = Path(__file__).resolve().parents[1] / "splitlm" / "data" / PUBLIC
 
 
 def default_public() -> Path:
-    """The packaged public set (splitlm/data/public.txt), installed or in a checkout."""
-    from importlib import resources
+    """The public set shipped with splitlm (splitlm/data/public.txt); the server's default too."""
+    import splitlm
 
-    try:
-        return Path(str(resources.files("splitlm") / "data" / PUBLIC))
-    except (ModuleNotFoundError, FileNotFoundError):
-        return DEFAULT_PUBLIC
+    return Path(splitlm.__file__).resolve().parent / "data" / PUBLIC
 
 
 def check_whole_options(opts) -> None:
