@@ -419,3 +419,28 @@ def test_chunking_keeps_whole_tensors_under_the_frame_limit_and_refuses_repeats(
         parts.add(Global(round=2, chunk=0, chunks=2, tensors={}, delta=True))
     parts.add(Global(round=1, chunk=0, chunks=2, tensors={}, delta=True))
     assert parts.complete
+
+
+def test_one_fedavg_round_against_splitlm_serve_ends_with_the_servers_global(bundles, data_file, tmp_path):
+    """The real server (a subprocess): the device's weights after the round are the global it wrote."""
+    import asyncio
+
+    from safetensors.numpy import load_file
+
+    from splitlm.edge_client.federated import FederatedClient
+
+    from .conftest import ServerProcess
+
+    model_dir, bundle = bundles["gpt2"]
+    server = ServerProcess(str(model_dir), "--mode", "fedavg", "--train", "full", "--rounds", "1",
+                           "--steps-per-round", "2", "--lr", str(LR), "--out", str(tmp_path / "out"))
+    try:
+        client = FederatedClient(client_config(server.url, bundle, data_file, tmp_path))
+        summary = asyncio.run(client.run())
+    finally:
+        server.stop()
+    assert summary["rounds"] == 1 and summary["local_steps"] == 2, server.log()
+    written = load_file(tmp_path / "out" / "round-0000" / "model" / "model.safetensors")
+    for name, value in client.trainer.params.items():
+        np.testing.assert_allclose(value, written[name], rtol=0, atol=1e-6, err_msg=name)
+    assert any(not np.allclose(v, bundle.trainables_init()[n]) for n, v in client.trainer.params.items())
