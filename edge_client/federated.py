@@ -182,7 +182,7 @@ class FederatedClient:
         """`first` and the rest of its chunks: adopt the values (delta False) or add them (True).
         Returns the number of chunks; afterwards the client holds the global of `first.round`."""
         parts, msg = Chunks("global", first.round), first
-        new = {n: a.copy() for n, a in self.trainer.params.items()}
+        new = dict(self.trainer.params)  # the trainer's own arrays: deltas are added in place
         while True:
             if msg.delta != delta:
                 raise ProtocolViolation(f"global.delta: expected {delta}, got {msg.delta}")
@@ -192,11 +192,14 @@ class FederatedClient:
                     if name not in new or array.shape != new[name].shape:
                         raise BundleMismatch(f"global tensor {name} {array.shape}: not a trainable of this "
                                              "bundle with that shape")
-                    new[name] = new[name] + array if delta else np.array(array, np.float32)
+                    if delta:
+                        new[name] += array
+                    else:
+                        new[name] = np.array(array, np.float32)
             if parts.complete:
                 break
             msg = await self._recv(ws, Global)
-        self.trainer.set_params(new)
+        self.trainer.set_params(new, copy=False)
         self.round = first.round
         return len(parts.parts)
 
@@ -213,19 +216,23 @@ class FederatedClient:
 
     async def fedavg_round(self, ws: ClientConnection, welcome: Welcome) -> bool:
         """One round; False when the server said bye instead of closing it."""
+        # Memory: trainables + their copy at the round start + AdamW's two moments; the trained
+        # values turn into the delta in place, and the round's start becomes the trainables again.
         start = {n: a.copy() for n, a in self.trainer.params.items()}
         self.local_steps(welcome.steps_per_round)
         with self.meter.compute():
-            delta = {n: self.trainer.params[n] - start[n] for n in start}
+            delta = self.trainer.params
+            for n in delta:
+                delta[n] -= start[n]  # local - global at the round start
+        self.trainer.set_params(start, copy=False)  # the next global is this round's start + the mean delta
         chunks = chunk_tensors(delta, max_frame_bytes=welcome.max_frame_bytes)
         for i, tensors in enumerate(chunks):
             await self._send(ws, Update(round=self.round, chunk=i, chunks=len(chunks), tensors=tensors,
                                         n_samples=self.data.n_samples))
-        # The global update is the average of the deltas, applied to the round's start.
-        self.trainer.set_params(start)
         first = await self._recv(ws, Global, Bye)
         if isinstance(first, Bye):
-            self.trainer.set_params({n: start[n] + delta[n] for n in start})  # keep what we trained
+            for n in delta:
+                start[n] += delta[n]  # keep what we trained
         else:
             # delta: after the round closed. Values: the server had moved on (we were late) and resends them.
             await self._receive_global(ws, first, delta=first.delta)

@@ -49,9 +49,10 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ parameters
 
-    def set_params(self, params: dict[str, np.ndarray]) -> None:
-        """Adopt these trainables (copied, float32); the optimizer's moments stay."""
-        self.params = {n: np.array(a, np.float32) for n, a in self.check(params).items()}
+    def set_params(self, params: dict[str, np.ndarray], *, copy: bool = True) -> None:
+        """Adopt these trainables (float32; copied unless `copy` is False and they are writable
+        float32 already); the optimizer's moments stay."""
+        self.params = {n: np.array(a, np.float32, copy=copy or None) for n, a in self.check(params).items()}
 
     def check(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`params` in graph input order, or BundleMismatch naming what differs."""
