@@ -9,7 +9,7 @@ A round on the wire:
                        covering every public row once (row i = token i of the packed public set)
     server             aggregate_topk (sample-weighted mixture of the renormalised top-k) ->
                        R KD steps of the global model on the public set -> held-out loss
-    server -> device   logits{round + 1, ..., values = aggregate log-probabilities} to each reporter
+    server -> device   logits{the same round, ..., values = aggregate log-probabilities} to each reporter
     device             KD steps toward the aggregate, then the next round; bye after the last
 
 Bytes a round, each way: public tokens x k x (value bytes + index bytes) plus frame headers.
@@ -163,14 +163,15 @@ class DistillStrategy(FedAvgStrategy):
         for cid in reports:
             conn = self.conns.get(cid)
             if conn is not None:
-                for frame in self.logit_frames(wire_idx, logp):
+                for frame in self.logit_frames(finished, wire_idx, logp):
                     await conn.send(frame)
         await self.finish_if_done()
 
-    def logit_frames(self, idx: np.ndarray, logp: np.ndarray) -> list[Logits]:
+    def logit_frames(self, round_: int, idx: np.ndarray, logp: np.ndarray) -> list[Logits]:
+        """The aggregate of round `round_` in row chunks under max_chunk_bytes."""
         rows = max(1, self.cfg.max_chunk_bytes // (idx.shape[1] * (idx.itemsize + 4)))
         starts = list(range(0, self.n_rows, rows))
-        return [Logits(round=self.round, chunk=i, chunks=len(starts), start=s, indices=idx[s:s + rows],
+        return [Logits(round=round_, chunk=i, chunks=len(starts), start=s, indices=idx[s:s + rows],
                        values=logp[s:s + rows], n_samples=1) for i, s in enumerate(starts)]
 
     def _distill(self, idx: np.ndarray, logp: np.ndarray) -> tuple[float, float | None]:

@@ -134,7 +134,7 @@ class GlobalModel:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return loss.item()
 
     def eval_batches(self, path: Path, *, seq_len: int = 128, batch_size: int = 8) -> list:
         """Held-out data as batches, read and tokenized exactly as a device reads its data."""

@@ -174,5 +174,9 @@ async def serve_until_stopped(server: Server) -> None:
         await asyncio.wait([asyncio.create_task(stop.wait()), done], return_when=asyncio.FIRST_COMPLETED)
         if done.done():
             server.log(f"finished: {strategy.cfg.rounds} rounds")
+            for _ in range(50):  # let the devices read their last frames and say bye (5 s at most)
+                if not strategy.conns:
+                    break
+                await asyncio.sleep(0.1)
         getattr(strategy, "begin_stop", lambda: None)()
     await strategy.stop()  # every connection handler has returned: no step is in flight
