@@ -5,7 +5,7 @@
     distill_step(batch, t_idx, t_logprobs)    kd_grad.onnx -> kd loss, grads -> numpy AdamW
 
 `params` are the bundle's trainables (LoRA tensors, or every block weight for `--train full`),
-float32, by name in graph input order. The sessions share one copy of each frozen weight
+float32, by graph input name. The sessions share one copy of each frozen weight
 (`runtime.WeightPool`): train, topk and kd_grad embed the same embedding and blocks.
 
 Rows of a top-k answer: each position with attention_mask 1, in (sequence, position) order;
@@ -55,7 +55,7 @@ class LocalTrainer:
         self.params = {n: np.array(a, np.float32, copy=copy or None) for n, a in self.check(params).items()}
 
     def check(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`params` in graph input order, or BundleMismatch naming what differs."""
+        """`params` in manifest order, or BundleMismatch naming what differs."""
         spec = self.manifest.trainables
         if set(params) != set(spec):
             missing, unexpected = sorted(set(spec) - set(params)), sorted(set(params) - set(spec))

@@ -81,7 +81,7 @@ class Manifest:
     # fedavg / distill (defaults keep split bundles valid):
     mode: str = "split"                                   # "split", "fedavg" or "distill"
     train: str = "lora"                                   # what the device trains: "lora" or "full"
-    trainables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape, graph input order
+    trainables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # graph input name -> shape (JSON sorts the names; sessions are fed by name)
     topk: int = 0                                         # distill: k of topk.onnx (a session takes <= k)
     public: dict | None = None                            # distill: {"name", "sha256", "tokens", "seq_len"}
 
@@ -158,7 +158,7 @@ class Bundle:
             return {name: z[name] for name in self.manifest.lora.tensors}
 
     def trainables_init(self) -> dict[str, np.ndarray]:
-        """The initial trainables of a fedavg / distill bundle, float32, in graph input order."""
+        """The initial trainables of a fedavg / distill bundle, float32, in manifest order."""
         with np.load(self.path / self.manifest.init_file, allow_pickle=False) as z:
             return {name: np.asarray(z[name], np.float32) for name in self.manifest.trainables}
 
