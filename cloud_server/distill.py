@@ -27,18 +27,12 @@ import numpy as np
 from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.manifest import sha256_file
 from splitlm.protocol import Hello, Limits, Logits, Welcome
+from splitlm.public import PublicSet, default_public
 
 from .aggregate import aggregate_topk
 from .fedavg import FedAvgStrategy
 from .global_model import GlobalModel
 from .strategy import Conn, ServeConfig
-
-
-def default_public() -> Path:
-    """The public set shipped with splitlm (splitlm/data/public.txt)."""
-    import splitlm
-
-    return Path(splitlm.__file__).resolve().parent / "data" / "public.txt"
 
 
 @dataclass
@@ -83,18 +77,14 @@ class DistillStrategy(FedAvgStrategy):
         self.device_model_hash = device_model_hash or model.model_hash  # the devices' model may be another one
         from transformers import AutoTokenizer
 
-        from splitlm.data import collate, pack_public
-
         self.public_path = public or default_public()
-        self.public_hash = sha256_file(self.public_path)
         tok = AutoTokenizer.from_pretrained(model.path)
         eos = tok.eos_token_id if tok.eos_token_id is not None else 0
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        self.sequences = pack_public(self.public_path.read_text(encoding="utf-8"), tok.backend_tokenizer,
-                                     seq_len=public_seq_len, eos_id=eos)
-        self.offsets = np.cumsum([0, *(len(s.ids) for s in self.sequences)])
-        self._collate = collate
-        self.n_rows = int(self.offsets[-1])
+        self.public = PublicSet.from_text(self.public_path.read_text(encoding="utf-8"),
+                                          tokenizer_file=Path(model.path) / "tokenizer.json", seq_len=public_seq_len,
+                                          eos_id=eos, sha256=sha256_file(self.public_path))
+        self.public_hash, self.n_rows = self.public.sha256, self.public.n_rows
         row_bytes = cfg.topk * 8
         self.limits = Limits(max_frame_bytes=max(cfg.max_chunk_bytes, row_bytes * 4096) + (1 << 20))
         self.partial_logits: dict[str, PartialLogits] = {}
@@ -180,12 +170,12 @@ class DistillStrategy(FedAvgStrategy):
     def _distill(self, idx: np.ndarray, logp: np.ndarray) -> tuple[float, float | None]:
         """R KD steps of the global model on the public set, sequences in a fixed cycle, batch 8."""
         losses = []
+        n_seq = len(self.public.sequences)
         for _ in range(self.cfg.steps_per_round):
-            n_seq = len(self.sequences)
             seqs = [(self.kd_step * 8 + j) % n_seq for j in range(min(8, n_seq))]
             self.kd_step += 1
-            batch = self._collate([self.sequences[s] for s in seqs], pad_token_id=self.pad)
-            rows = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in seqs])
+            batch = self.public.batch(seqs, pad_token_id=self.pad)                          # (B, T)
+            rows = np.concatenate([np.arange(self.public.offsets[s], self.public.offsets[s + 1]) for s in seqs])
             losses.append(self.model.distill_step(batch, idx[rows], logp[rows]))
         loss = self.model.mean_loss(self.eval_batches) if self.eval_batches else None
         return float(np.mean(losses)), loss

@@ -83,6 +83,14 @@ class NeverConnected(SplitLMError):
     """The first connection failed: nothing at the address ever answered as a splitlm server."""
 
 
+def make_client(cfg: EdgeConfig):
+    """The client for the bundle's mode: split (EdgeClient), or fedavg / distill (FederatedClient)."""
+    if Bundle.open(cfg.bundle, verify=False).manifest.mode == "split":
+        return EdgeClient(cfg)
+    from .federated import FederatedClient
+    return FederatedClient(cfg)
+
+
 def backoff_s(failures: int) -> float:
     """Seconds before reconnect try `failures` (1, 2, ...): 0.5, 1, 2, 4, 8, 8, ..."""
     return min(0.5 * 2 ** (failures - 1), 8.0)

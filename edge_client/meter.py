@@ -70,11 +70,12 @@ class Meter:
         self._start()
         self._current["bytes_down"] += n
 
-    def end_step(self, *, step: int, loss: float | None) -> dict:
-        """Close the step: return its record and append it as one JSON line to `metrics_out`."""
+    def end_step(self, *, step: int, loss: float | None, **extra) -> dict:
+        """Close the step: return its record and append it as one JSON line to `metrics_out`.
+        `extra` (e.g. round, phase) goes into the record as given."""
         self._start()
         wall0, cpu0 = self._started
-        record = {"step": step, "loss": None if loss is None else float(loss), **self._current,
+        record = {"step": step, "loss": None if loss is None else float(loss), **extra, **self._current,
                   "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0,
                   "rss_peak_mb": rss_peak_mb()}
         self.records.append(record)

@@ -62,20 +62,7 @@ class HeadRuntime:
         return self.manifest.labels == "device"
 
     def _session(self, name: str) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads  # 0: onnxruntime picks (one per core)
-        options.enable_cpu_mem_arena = self.mem_arena  # off: a step's activations go back when it ends
-        options.enable_mem_pattern = self.mem_arena    # off: no block sized for the whole run, kept after it
-        # No spin-waiting after a run: the device mostly waits on the network, and spinning threads
-        # burned ~25x the compute time in CPU (and battery), starving a server on the same host.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.pool and self.manifest.quant == "fp32":
-            # A prepacked fp32 MatMul weight is a second copy beside the shared one (-50 MB for a
-            # SmolLM2 head, -160 MB with its tail); the quantized kernels' packing costs nothing here.
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        path = self.bundle.file(name)
-        model = self.pool.model_bytes(path, options) if self.pool else str(path)
-        return ort.InferenceSession(model, options, providers=PROVIDERS)
+        return open_session(self.bundle, name, pool=self.pool, threads=self.threads, mem_arena=self.mem_arena)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 loras: dict[str, np.ndarray]) -> np.ndarray:
@@ -130,6 +117,25 @@ class HeadRuntime:
             if tuple(loras[name].shape) != tuple(shape):
                 raise BundleMismatch(f"LoRA tensor {name}: expected shape {tuple(shape)}, got {loras[name].shape}")
         return {name: np.ascontiguousarray(loras[name], np.float32) for name in spec}
+
+
+def open_session(bundle: Bundle, name: str, *, pool: "WeightPool | None", threads: int = 0,
+                 mem_arena: bool = False) -> ort.InferenceSession:
+    """One of the bundle's graphs, its large frozen weights taken from `pool` (None: its own copy)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
+    options.enable_cpu_mem_arena = mem_arena  # off: a step's activations go back when it ends
+    options.enable_mem_pattern = mem_arena    # off: no block sized for the whole run, kept after it
+    # No spin-waiting after a run: the device mostly waits on the network, and spinning threads
+    # burned ~25x the compute time in CPU (and battery), starving a server on the same host.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if pool and bundle.manifest.quant == "fp32":
+        # A prepacked fp32 MatMul weight is a second copy beside the shared one (-50 MB for a
+        # SmolLM2 head, -160 MB with its tail); the quantized kernels' packing costs nothing here.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    path = bundle.file(name)
+    model = pool.model_bytes(path, options) if pool else str(path)
+    return ort.InferenceSession(model, options, providers=PROVIDERS)
 
 
 # --- one copy of each frozen weight ------------------------------------------------------------

@@ -27,7 +27,7 @@ from .lora import LoRAInputs, LoRASpec
 
 @dataclass(frozen=True)
 class ExportOptions:
-    cut: int
+    cut: int = 0                    # split only: the device runs blocks [0, cut)
     quant: str = "q4"
     labels: str = "server"
     lora_rank: int = 8
@@ -35,6 +35,11 @@ class ExportOptions:
     lora_targets: tuple[str, ...] | None = None  # None: the family's default
     lora_seed: int = 0
     max_length: int = 2048
+    mode: str = "split"             # "split", or the device holds the whole model: "fedavg", "distill"
+    train: str = "lora"             # fedavg / distill: "lora" or "full" (every block weight + final norm)
+    topk: int = 32                  # distill: k of topk.onnx
+    public: Path | None = None      # distill: the public set (.txt); None: splitlm/data/public.txt
+    public_seq_len: int = 128       # distill: the public set is packed into sequences this long
 
 
 def resolve_model_path(model: str) -> Path:
@@ -72,6 +77,9 @@ def load_model(model: str) -> tuple[torch.nn.Module, Path]:
 
 
 def check_options(opts: ExportOptions, num_layers: int) -> None:
+    if opts.mode != "split":
+        from .whole_bundle import check_whole_options
+        return check_whole_options(opts)
     if opts.quant not in QUANT_PRESETS:
         raise ExportError(f"unknown quant preset {opts.quant!r}: choose from {', '.join(QUANT_PRESETS)}")
     if opts.labels not in LABEL_PLACEMENTS:
@@ -115,12 +123,17 @@ def export_bundle(model: str, out: str | Path, opts: ExportOptions, *, log=print
     check_options(opts, load_config(resolve_model_path(model)).num_hidden_layers)
     log(f"loading {model} ...")
     loaded, path = load_model(model)
-    graphs = client_graphs(loaded, opts)
-    log(f"tracing the device's graphs (blocks 0..{opts.cut - 1}) with torch.onnx: the slow part, a minute or more ...")
+    graphs = client_graphs(loaded, opts) if opts.mode == "split" else None
+    blocks = f"blocks 0..{opts.cut - 1}" if opts.mode == "split" else "the whole model"
+    log(f"tracing the device's graphs ({blocks}) with torch.onnx: the slow part, a minute or more ...")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
-        manifest = _write(staging, graphs, loaded, path, opts, log=log)
+        if graphs is None:
+            from .whole_bundle import write_whole
+            manifest = write_whole(staging, loaded, path, opts, log=log)
+        else:
+            manifest = _write(staging, graphs, loaded, path, opts, log=log)
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

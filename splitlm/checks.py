@@ -22,7 +22,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _export(args) -> None:
     _model(args.model)
-    _at_least(args, lora_rank=1, max_length=3)  # --cut: export says the range once it has read config.json
+    _at_least(args, lora_rank=1, max_length=3, topk=1, public_seq_len=3)  # --cut's range: export, once it read config.json
+    if args.mode == "split" and args.cut is None:
+        raise SplitLMError("--cut K is required with --mode split (the device runs blocks 0..K-1)")
+    if args.public:
+        _file("--public", args.public)
     _positive(lora_alpha=args.lora_alpha)
     if args.eval_text:
         _file("--eval-text", args.eval_text)

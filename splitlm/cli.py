@@ -44,11 +44,16 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from splitlm.export.bundle import ExportOptions, export_bundle, load_model
     from splitlm.export.fidelity import fidelity_report
 
-    opts = ExportOptions(cut=args.cut, quant=args.quant, labels=args.labels, lora_rank=args.lora_rank,
+    opts = ExportOptions(cut=args.cut or 0, quant=args.quant, labels=args.labels, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
-                         lora_seed=args.lora_seed, max_length=args.max_length)
+                         lora_seed=args.lora_seed, max_length=args.max_length, mode=args.mode, train=args.train,
+                         topk=args.topk, public=Path(args.public) if args.public else None,
+                         public_seq_len=args.public_seq_len)
     eval_text = _read_text(args.eval_text) if args.eval_text else None
     manifest = export_bundle(args.model, args.out, opts, log=lambda line: print(line, flush=True))
+    if args.mode != "split":  # the fidelity report compares a head; a whole-model bundle has none
+        print("\n".join(export_next_steps(args.model, args.out, manifest)))
+        return
     print("checking the bundle against PyTorch ...", flush=True)
     model, _ = load_model(args.model)
     print("fidelity:")
@@ -118,7 +123,7 @@ def _strategy(args: argparse.Namespace, cfg, log):
 def _cmd_edge(args: argparse.Namespace) -> None:
     import asyncio
 
-    from splitlm.edge_client.client import EdgeClient, EdgeConfig, default_client_id
+    from splitlm.edge_client.client import EdgeConfig, default_client_id, make_client
 
     cfg = EdgeConfig(url=args.url, bundle=Path(args.bundle), data=Path(args.data), steps=args.steps,
                      epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -127,7 +132,7 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                      metrics_out=Path(args.metrics_out) if args.metrics_out else None,
                      state=Path(args.state) if args.state else None, resume=args.resume,
                      reconnect_tries=args.reconnect_tries)
-    summary = asyncio.run(EdgeClient(cfg).run())
+    summary = asyncio.run(make_client(cfg).run())
     print(f"{cfg.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))
 
@@ -177,7 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="cut a model at layer K and write a client bundle")
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")
-    p.add_argument("--cut", type=int, required=True, help="the device runs embeddings + blocks 0..K-1")
+    p.add_argument("--cut", type=int, help="--mode split (required there): the device runs embeddings + blocks 0..K-1")
+    p.add_argument("--mode", default="split", choices=("split", "fedavg", "distill"),
+                   help="split: the device runs the head; fedavg / distill: the whole model")
+    p.add_argument("--train", default="lora", choices=("lora", "full"),
+                   help="fedavg / distill: train LoRA on every block, or every block weight + final norm")
+    p.add_argument("--topk", type=int, default=32, help="distill: the largest k a session may ask for")
+    p.add_argument("--public", help="distill: the public set (.txt; default the packaged splitlm/data/public.txt)")
+    p.add_argument("--public-seq-len", type=int, default=128, help="distill: the public set's sequence length")
     p.add_argument("--quant", default="q4", choices=QUANT_PRESETS, help="weight preset of the device's graphs")
     p.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (the server must use the same)")

@@ -165,6 +165,7 @@ def collate(sequences: list[Sequence], *, pad_token_id: int) -> Batch:
     return Batch(ids, mask, labels)
 
 
+
 def pack_public(text: str, tokenizer: Tokenizer, *, seq_len: int, eos_id: int) -> list[Sequence]:
     """The distill public set: the whole text as one example packed into `seq_len` pieces (an eos
     after it), as training text is. Row i of a top-k exchange is token i of this packed stream, on

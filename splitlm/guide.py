@@ -59,16 +59,22 @@ _SERVE_DEFAULTS = {"labels": "server", "rank": 8, "alpha": 16.0}
 
 def export_next_steps(model: str, out: str | Path, manifest) -> list[str]:
     """The `splitlm serve` and `splitlm edge` lines that match the bundle `manifest` at `out`."""
-    serve = ["splitlm", "serve", model, "--cut", str(manifest.cut)]
+    if manifest.mode == "split":
+        serve = ["splitlm", "serve", model, "--cut", str(manifest.cut)]
+    else:
+        serve = ["splitlm", "serve", model, "--mode", manifest.mode, "--rounds", "3"]
+        serve += ["--train", manifest.train] if manifest.train != "lora" else []
+        serve += ["--topk", str(min(manifest.topk, 16))] if manifest.mode == "distill" else []
     if manifest.labels != _SERVE_DEFAULTS["labels"]:
         serve += ["--labels", manifest.labels]
     lora = manifest.lora
-    if lora.rank != _SERVE_DEFAULTS["rank"]:
-        serve += ["--lora-rank", str(lora.rank)]
-    if float(lora.alpha) != _SERVE_DEFAULTS["alpha"]:
-        serve += ["--lora-alpha", f"{lora.alpha:g}"]
-    if tuple(lora.targets) != _default_targets(manifest.model.family):
-        serve += ["--lora-targets", *lora.targets]
+    if manifest.train != "full":  # a full-parameter bundle has no LoRA spec to match
+        if lora.rank != _SERVE_DEFAULTS["rank"]:
+            serve += ["--lora-rank", str(lora.rank)]
+        if float(lora.alpha) != _SERVE_DEFAULTS["alpha"]:
+            serve += ["--lora-alpha", f"{lora.alpha:g}"]
+        if tuple(lora.targets) != _default_targets(manifest.model.family):
+            serve += ["--lora-targets", *lora.targets]
     serve += ["--out", "runs"]
     edge = ["splitlm", "edge", "ws://SERVER:8765", "--bundle", str(out), "--data", "YOUR_DATA.jsonl"]
     return ["next, on the server:", "  " + shlex.join(serve),

@@ -7,6 +7,13 @@ Torch-free on purpose: the device, the server and export all read bundles throug
     BUNDLE/head_grad.onnx  input_ids, attention_mask, grad_hidden, *lora -> grad.<lora>
     BUNDLE/tail.onnx       hidden, labels, attention_mask -> loss, grad_hidden (labels on device)
     BUNDLE/lora_init.npz   the initial LoRA tensors (PEFT init from `lora.seed`)
+
+fedavg / distill bundles (the device holds the whole model, `cut` = num_layers):
+    BUNDLE/train.onnx      input_ids, attention_mask, labels, *trainables -> loss, grad.<trainable>
+    BUNDLE/topk.onnx       distill: input_ids, attention_mask, *trainables -> topk_values, topk_indices
+    BUNDLE/kd_grad.onnx    distill: + teacher_indices, teacher_logprobs -> kd_loss, grad.<trainable>
+    BUNDLE/lora_init.npz   --train lora: the initial trainables; --train full: full_init.npz
+    BUNDLE/public.txt      distill: the public set, named by sha256 in `public`
     BUNDLE/tokenizer.json  (+ tokenizer_config.json, chat template)
 """
 
@@ -25,6 +32,9 @@ from splitlm.errors import BundleMismatch
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LORA_INIT = "lora_init.npz"
+FULL_INIT = "full_init.npz"
+MODES = ("split", "fedavg", "distill")
+TRAIN_KINDS = ("lora", "full")
 QUANT_PRESETS = ("fp32", "q8", "q4", "int8")
 LABEL_PLACEMENTS = ("server", "device")
 
@@ -50,7 +60,7 @@ class LoRAInfo:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.rank if self.rank else 0.0  # full training: no LoRA
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,17 @@ class Manifest:
     format: int = FORMAT_VERSION
     splitlm_version: str = ""
     wire: dict[str, str] = field(default_factory=lambda: {"codec": "f16"})
+    # fedavg / distill (defaults keep split bundles valid):
+    mode: str = "split"                                   # "split", "fedavg" or "distill"
+    train: str = "lora"                                   # what the device trains: "lora" or "full"
+    trainables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # graph input name -> shape (JSON sorts the names; sessions are fed by name)
+    topk: int = 0                                         # distill: k of topk.onnx (a session takes <= k)
+    public: dict | None = None                            # distill: {"name", "sha256", "tokens", "seq_len"}
+
+    @property
+    def init_file(self) -> str:
+        """The file of the initial trainables (fedavg / distill) or LoRA tensors (split)."""
+        return FULL_INIT if self.train == "full" else LORA_INIT
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -80,7 +101,8 @@ class Manifest:
         lora = d["lora"]
         lora = LoRAInfo(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]),
                         seed=lora["seed"], tensors={k: tuple(v) for k, v in lora["tensors"].items()})
-        return Manifest(**{**d, "model": ModelInfo(**d["model"]), "lora": lora})
+        trainables = {k: tuple(v) for k, v in d.get("trainables", {}).items()}
+        return Manifest(**{**d, "model": ModelInfo(**d["model"]), "lora": lora, "trainables": trainables})
 
 
 def sha256_file(path: Path) -> str:
@@ -134,3 +156,20 @@ class Bundle:
     def lora_init(self) -> dict[str, np.ndarray]:
         with np.load(self.path / LORA_INIT, allow_pickle=False) as z:
             return {name: z[name] for name in self.manifest.lora.tensors}
+
+    def trainables_init(self) -> dict[str, np.ndarray]:
+        """The initial trainables of a fedavg / distill bundle, float32, in manifest order."""
+        with np.load(self.path / self.manifest.init_file, allow_pickle=False) as z:
+            return {name: np.asarray(z[name], np.float32) for name in self.manifest.trainables}
+
+    def public_text(self) -> str:
+        """The distill public set, checked against its sha256 in the manifest."""
+        public = self.manifest.public
+        if not public:
+            raise BundleMismatch(f"bundle {self.path} has no public set: it was exported with --mode "
+                                 f"{self.manifest.mode}, not distill")
+        path = self.path / public["name"]
+        if not path.is_file() or sha256_file(path) != public["sha256"]:
+            got = sha256_file(path) if path.is_file() else "no file"
+            raise BundleMismatch(f"public set {path}: expected sha256 {public['sha256']}, got {got}")
+        return path.read_text(encoding="utf-8")

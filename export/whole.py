@@ -1,0 +1,167 @@
+"""The whole model as device graphs, for `--mode fedavg` and `--mode distill`.
+
+    train(input_ids, attention_mask, labels, *trainables)        -> loss, grad.<each trainable>
+    topk(input_ids, attention_mask, *trainables)                 -> topk_values, topk_indices  (B, T, k_max)
+    kd_grad(input_ids, attention_mask, teacher_indices, teacher_logprobs, *trainables)
+                                                                 -> kd_loss, grad.<each trainable>
+
+Trainables are graph inputs, so one bundle serves every round and the optimizer lives in numpy:
+  lora  the LoRA tensors of the chosen targets in every block (named and shaped as a PEFT adapter)
+  full  every decoder-block parameter and the final norm, by their Hugging Face state_dict names
+        and shapes (GPT-2's Conv1D weight stays (in, out)). The token embedding, and the LM head
+        tied to it, stay frozen: they are 21% of SmolLM2's parameters (28 M of 135 M) and the
+        largest single tensor, a tied table would need its two gradients summed, and a frozen
+        table is the one weight a quantized preset can still shrink.
+
+Why one train graph (loss and gradients together) and no separate forward graph: a training step
+needs both, and a joint graph runs the forward once and keeps its activations for the backward; a
+second, forward-only graph would hold a second copy of every frozen weight on the device.
+
+The KD loss is the soft cross-entropy toward the teacher's top-k distribution, renormalised:
+    p = softmax(teacher_logprobs)    L = -sum_k p_k * log_softmax(student)[teacher_indices_k]
+averaged over positions with attention_mask 1. The top-k graph returns the k_max largest logits
+sorted; a session with a smaller k takes their first k columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import Arch
+from .graphs import HEAD_INPUTS, MAX_BATCH, MIN_TAIL_SEQ, OPSET, causal_lm_loss, example_inputs
+from .lora import LoRAInputs
+
+TRAIN_INPUTS = ("input_ids", "attention_mask", "labels")
+KD_INPUTS = ("input_ids", "attention_mask", "teacher_indices", "teacher_logprobs")
+EXAMPLE_K = 5  # teacher k while tracing; the graph takes any k >= 1
+
+
+class _Logits(nn.Module):
+    """arch's embedding -> every block -> final norm -> LM head, as one module for functional_call."""
+
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.model = arch.model
+        self.__dict__["arch"] = arch  # not a submodule: its parts are already under `model`
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.arch.embed(input_ids)  # (B, T, H)
+        h = self.arch.run_blocks(h, attention_mask, 0, self.arch.num_layers)  # (B, T, H)
+        return self.arch.logits(h)  # (B, T, V)
+
+
+def full_trainables(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """HF state_dict name -> shape of every block parameter and the final norm, in model order."""
+    prefixes = (f"{arch.block_prefix}.",)
+    norm = {id(p) for p in arch.final_norm.parameters()}
+    return {name: tuple(p.shape) for name, p in arch.model.named_parameters()
+            if name.startswith(prefixes) or id(p) in norm}
+
+
+@dataclass
+class WholeGraphs:
+    """The device-side functions of a whole model; `lora` set for LoRA training, else full."""
+
+    arch: Arch
+    lora: LoRAInputs | None
+    shapes: dict[str, tuple[int, ...]]  # trainable name -> shape, graph input order
+    k_max: int
+
+    @staticmethod
+    def for_lora(arch: Arch, lora: LoRAInputs, k_max: int) -> "WholeGraphs":
+        return WholeGraphs(arch, lora, dict(lora.shapes), k_max)
+
+    @staticmethod
+    def for_full(arch: Arch, k_max: int) -> "WholeGraphs":
+        return WholeGraphs(arch, None, full_trainables(arch), k_max)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def logits(self, input_ids, attention_mask, *trainables) -> torch.Tensor:
+        bound = dict(zip(self.names, trainables))
+        if self.lora is not None:
+            with self.lora.bind(bound):
+                return _Logits(self.arch)(input_ids, attention_mask)  # (B, T, V)
+        params = {f"model.{n}": t for n, t in bound.items()}
+        return torch.func.functional_call(_Logits(self.arch), params, (input_ids, attention_mask))
+
+    def train(self, input_ids, attention_mask, labels, *trainables):
+        trainables = [t.detach().requires_grad_(True) for t in trainables]
+        with torch.enable_grad():
+            loss = causal_lm_loss(self.logits(input_ids, attention_mask, *trainables), labels, attention_mask)
+            return (loss, *torch.autograd.grad(loss, trainables))
+
+    def topk(self, input_ids, attention_mask, *trainables):
+        values, indices = torch.topk(self.logits(input_ids, attention_mask, *trainables), self.k_max, dim=-1)
+        return values, indices.to(torch.int32)  # (B, T, k_max) each
+
+    def kd_grad(self, input_ids, attention_mask, teacher_indices, teacher_logprobs, *trainables):
+        trainables = [t.detach().requires_grad_(True) for t in trainables]
+        with torch.enable_grad():
+            logits = self.logits(input_ids, attention_mask, *trainables)  # (B, T, V)
+            loss = kd_loss(logits, teacher_indices, teacher_logprobs, attention_mask)
+            return (loss, *torch.autograd.grad(loss, trainables))
+
+
+def kd_loss(logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_logprobs: torch.Tensor,
+            attention_mask: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy toward softmax(teacher_logprobs) over teacher_indices, mean over mask==1."""
+    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    picked = torch.gather(logp, -1, teacher_indices.long())  # (B, T, k)
+    p = torch.softmax(teacher_logprobs, dim=-1)  # (B, T, k), renormalised over the k kept
+    per_position = -(p * picked).sum(-1)  # (B, T)
+    mask = attention_mask.to(logits.dtype)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _trace(fn, args: tuple, dynamic: tuple, *, input_names: list[str], output_names: list[str], path: Path) -> None:
+    """make_fx -> torch.export -> ONNX with the given dynamic_shapes (see graphs.trace_to_onnx)."""
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=core_aten_decompositions(),
+                 _allow_non_fake_inputs=True)(*args)
+    program = torch.export.export(gm, args, dynamic_shapes=dynamic)
+    torch.onnx.export(program, args, str(path), input_names=input_names, output_names=output_names,
+                      opset_version=OPSET, dynamo=True, optimize=True, verbose=False, external_data=False)
+
+
+def export_whole_graphs(graphs: WholeGraphs, out: Path, *, distill: bool, max_seq: int) -> list[str]:
+    """Write train.onnx (and topk.onnx, kd_grad.onnx for distill) into `out`; return the file names."""
+    cfg = graphs.arch.model.config
+    ex = example_inputs(cfg.vocab_size, cfg.hidden_size)
+    ids, mask, labels = ex["input_ids"], ex["attention_mask"], ex["labels"]
+    names = graphs.names
+    # Trainables for tracing: small nonzero values so no branch of the gradient folds away.
+    gen = torch.Generator().manual_seed(1)
+    trainables = [_tracing_value(n, s, gen, graphs) for n, s in graphs.shapes.items()]
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    seq = torch.export.Dim("seq", min=MIN_TAIL_SEQ, max=max_seq)
+    tokens, fixed = {0: batch, 1: seq}, (None,) * len(names)
+    grads = [f"grad.{n}" for n in names]
+    _trace(graphs.train, (ids, mask, labels, *trainables), (tokens,) * 3 + fixed,
+           input_names=[*TRAIN_INPUTS, *names], output_names=["loss", *grads], path=out / "train.onnx")
+    files = ["train.onnx"]
+    if distill:
+        _trace(graphs.topk, (ids, mask, *trainables), (tokens,) * 2 + fixed, input_names=[*HEAD_INPUTS, *names],
+               output_names=["topk_values", "topk_indices"], path=out / "topk.onnx")
+        k = torch.export.Dim("k", min=1, max=cfg.vocab_size)
+        t_idx = torch.randint(0, cfg.vocab_size, (*ids.shape, EXAMPLE_K), generator=gen, dtype=torch.int32)
+        t_lp = torch.log_softmax(torch.randn(*ids.shape, EXAMPLE_K, generator=gen), -1)
+        teacher = {0: batch, 1: seq, 2: k}
+        _trace(graphs.kd_grad, (ids, mask, t_idx, t_lp, *trainables), (tokens, tokens, teacher, teacher) + fixed,
+               input_names=[*KD_INPUTS, *names], output_names=["kd_loss", *grads], path=out / "kd_grad.onnx")
+        files += ["topk.onnx", "kd_grad.onnx"]
+    return files
+
+
+def _tracing_value(name: str, shape: tuple[int, ...], gen: torch.Generator, graphs: WholeGraphs) -> torch.Tensor:
+    if graphs.lora is not None:
+        return torch.randn(shape, generator=gen) * 0.01
+    return graphs.arch.model.get_parameter(name).detach().clone()  # full: the model's own values

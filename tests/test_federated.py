@@ -1,0 +1,212 @@
+"""FedLLM and KD-FedLLM end to end: a real server process, real torch-free edge processes, real
+sockets; the written global equals a centralized FedAvg simulation in torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from splitlm.demo import write_ledger_data
+from splitlm.edge_client.data import Dataset
+from splitlm.manifest import Bundle
+
+from .conftest import ServerProcess, edge_cmd, run_cli
+from .test_torch_free import BLOCKER
+
+ROUNDS, LOCAL, LR, BATCH, SEQ, RANK = 3, 2, 1e-2, 2, 32, 4
+
+
+@pytest.fixture(scope="module")
+def fed(tiny_llama, tmp_path_factory):
+    """Data for two devices and the fp32 bundles of each mode, exported through the CLI."""
+    root = tmp_path_factory.mktemp("fed")
+    write_ledger_data(root, clients=2, per_client=12, held_out=4)
+    bundles = {}
+    for mode, train in (("fedavg", "lora"), ("fedavg", "full"), ("distill", "lora")):
+        out = root / f"{mode}-{train}"
+        r = run_cli("export", str(tiny_llama), "--mode", mode, "--train", train, "--quant", "fp32", "--out", str(out),
+                    "--lora-rank", str(RANK), "--max-length", "128", "--topk", "8")
+        assert r.returncode == 0, r.stderr
+        bundles[mode, train] = Bundle.open(out)
+    return root, bundles
+
+
+def run_devices(server, bundle: Bundle, root, *extra: str, env=None) -> list[subprocess.CompletedProcess]:
+    procs = [subprocess.Popen(edge_cmd(server.url, bundle.path, root / f"client-{i}.jsonl", "--batch-size", str(BATCH),
+                                       "--seq-len", str(SEQ), "--lr", str(LR), "--threads", "1", *extra),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def simulate_fedavg(model_dir, train: str, datasets: list[Dataset]) -> dict[str, torch.Tensor]:
+    """FedAvg in one torch process: each device its own copy and its own AdamW (its moments kept
+    across rounds, as the device keeps them), R local steps from the global, sample-weighted mean delta."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def device_model():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+        model.requires_grad_(False)
+        if train == "full":
+            return model, {n: p.requires_grad_(True) for n, p in model.named_parameters() if "embed" not in n}
+        torch.manual_seed(0)  # the server's LoRA init, which it sends every device at join
+        peft = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=16.0, lora_dropout=0.0,
+                                                target_modules=["self_attn.q_proj", "self_attn.v_proj"]))
+        return peft, {n: p for n, p in peft.named_parameters() if "lora_" in n}
+
+    devices = [device_model() for _ in datasets]
+    optims = [torch.optim.AdamW(params.values(), lr=LR, weight_decay=0.0) for _, params in devices]
+    glob = {n: p.detach().clone() for n, p in devices[0][1].items()}
+    total = sum(d.n_samples for d in datasets)
+    for r in range(ROUNDS):
+        mean = {n: torch.zeros_like(g) for n, g in glob.items()}
+        for (model, params), optim, data in zip(devices, optims, datasets):
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(glob[n])
+            for i in range(LOCAL):
+                b = data.batch(r * LOCAL + i)
+                loss = model(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask),
+                             labels=torch.from_numpy(b.labels)).loss
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+            for n, p in params.items():
+                mean[n] += (p.detach() - glob[n]) * (data.n_samples / total)
+        glob = {n: glob[n] + mean[n] for n in glob}
+    return glob
+
+
+def written_global(folder, train: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if train == "full":
+        return load_file(folder / "model" / "model.safetensors")
+    return {k.replace(".weight", ".default.weight"): v
+            for k, v in load_file(folder / "adapter" / "adapter_model.safetensors").items()}
+
+
+@pytest.mark.parametrize("train", ["lora", "full"])
+def test_fedavg_global_equals_a_centralized_fedavg_simulation(fed, tiny_llama, train, tmp_path):
+    root, bundles = fed
+    bundle = bundles["fedavg", train]
+    server = ServerProcess(str(tiny_llama), "--mode", "fedavg", "--train", train, "--lora-rank", str(RANK),
+                           "--rounds", str(ROUNDS), "--local-steps", str(LOCAL), "--update-wire", "f32",
+                           "--out", str(tmp_path / "out"), "--eval", str(root / "eval.jsonl"))
+    try:
+        for r in run_devices(server, bundle, root, "--metrics-out", str(tmp_path / "m.jsonl")):
+            assert r.returncode == 0, r.stdout + r.stderr
+        assert server.proc.wait(timeout=60) == 0, server.log()  # it stops by itself after its rounds
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+    datasets = [Dataset.from_file(root / f"client-{i}.jsonl", bundle, seq_len=SEQ, batch_size=BATCH) for i in range(2)]
+    want = simulate_fedavg(tiny_llama, train, datasets)
+    got = written_global(tmp_path / "out" / f"round-{ROUNDS - 1:04d}", train)
+    for name, value in want.items():
+        err = float((got[name] - value).norm() / value.norm().clamp_min(1e-12))
+        assert err < 1e-3, (name, err)
+    moved = max(float((want[n] - got_init).abs().max()) for n, got_init in
+                written_global(tmp_path / "out" / "round-0000", train).items() if n in want) if train == "full" else 1
+    assert moved > 0
+    metrics = [json.loads((tmp_path / "out" / f"round-{r:04d}" / "metrics.json").read_text()) for r in range(ROUNDS)]
+    assert all(m["samples"] == sum(d.n_samples for d in datasets) for m in metrics)
+    assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"] + 0.05  # a real number, and training did not blow up
+
+
+def _update_bytes(bundle: Bundle) -> int:
+    return sum(int(np.prod(s)) * 4 for s in bundle.manifest.trainables.values())
+
+
+def test_fedavg_bytes_on_the_wire_are_the_update_plus_headers(fed, tiny_llama, tmp_path):
+    """Every device's bytes up per round: its f32 deltas plus a bounded msgpack overhead; the
+    server's metrics count the same frames the device's meter counts."""
+    root, bundles = fed
+    bundle = bundles["fedavg", "lora"]
+    server = ServerProcess(str(tiny_llama), "--mode", "fedavg", "--lora-rank", str(RANK), "--rounds", "1",
+                           "--local-steps", "1", "--out", str(tmp_path / "out"))
+    try:
+        results = run_devices(server, bundle, root, "--metrics-out", str(tmp_path / "m.jsonl"))
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        server.proc.wait(timeout=60)
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+    metrics = json.loads((tmp_path / "out" / "round-0000" / "metrics.json").read_text())
+    payload = _update_bytes(bundle)
+    for client in metrics["clients"].values():
+        overhead = client["bytes_up"] - payload
+        assert 0 < overhead < 100 * len(bundle.manifest.trainables) + 1024, client
+
+
+def test_distill_bytes_per_round_are_public_tokens_times_k_times_entry_bytes(fed, tiny_llama, tmp_path):
+    root, bundles = fed
+    bundle = bundles["distill", "lora"]
+    k = 8
+    server = ServerProcess(str(tiny_llama), "--mode", "distill", "--lora-rank", str(RANK), "--rounds", "2",
+                           "--local-steps", "1", "--topk", str(k), "--out", str(tmp_path / "out"),
+                           "--eval", str(root / "eval.jsonl"))
+    try:
+        results = run_devices(server, bundle, root)
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        server.proc.wait(timeout=60)
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+    metrics = json.loads((tmp_path / "out" / "round-0001" / "metrics.json").read_text())
+    rows = metrics["public_rows"]
+    entry = 2 + 2  # f16 logit + uint16 token id (a vocabulary under 65,536)
+    for client in metrics["clients"].values():
+        for direction in ("bytes_up", "bytes_down"):
+            overhead = client[direction] - rows * k * entry
+            assert 0 < overhead < 4096, (direction, client)
+    assert np.isfinite(metrics["eval_loss"]) and np.isfinite(metrics["kd_loss"])
+
+
+def test_a_device_in_the_wrong_mode_or_with_another_public_set_is_refused(fed, tiny_llama, tiny_bundle, tmp_path):
+    root, bundles = fed
+    server = ServerProcess(str(tiny_llama), "--mode", "distill", "--lora-rank", str(RANK), "--rounds", "1",
+                           "--public", str(root / "eval.jsonl"))
+    try:
+        r = subprocess.run(edge_cmd(server.url, bundles["fedavg", "lora"].path, root / "client-0.jsonl"),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "this server runs 'distill', the bundle is for 'fedavg'" in r.stderr
+        r = subprocess.run(edge_cmd(server.url, bundles["distill", "lora"].path, root / "client-0.jsonl"),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "hello.public_hash: this server distills on eval.jsonl" in r.stderr
+        r = subprocess.run(edge_cmd(server.url, tiny_bundle("server").path, root / "client-0.jsonl"),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "the bundle is for 'split'" in r.stderr
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("mode", ["split", "fedavg", "distill"])
+def test_each_mode_trains_against_the_same_server_binary_with_a_torch_blocked_device(fed, tiny_llama, tiny_bundle,
+                                                                                     mode, tmp_path):
+    root, bundles = fed
+    bundle = tiny_bundle("server") if mode == "split" else bundles[mode, "lora"]
+    mode_args = ["--cut", "2", "--steps-per-round", "2"] if mode == "split" else \
+        ["--mode", mode, "--rounds", "1", "--local-steps", "1", "--topk", "8"]
+    server = ServerProcess(str(tiny_llama), *mode_args, "--lora-rank", str(RANK), "--out", str(tmp_path / "out"))
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    try:
+        cmd = edge_cmd(server.url, bundle.path, root / "client-0.jsonl", "--batch-size", "2", "--seq-len", "32",
+                       *(["--steps", "2"] if mode == "split" else []))
+        r = subprocess.run([*cmd, "--client-id", "pi"], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "torch" not in r.stderr.lower() or "blocked" not in r.stderr
+    finally:
+        server.stop() if server.proc.poll() is None else None
+    assert (tmp_path / "out" / "round-0000" / "metrics.json").is_file()
+    assert json.loads((tmp_path / "out" / "round-0000" / "metrics.json").read_text())["mode"] == mode
