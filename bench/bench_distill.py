@@ -53,7 +53,8 @@ def main() -> None:
                                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         server = subprocess.Popen([*CLI, "serve", str(model), "--mode", "distill", "--port", "0", "--threads", "1",
                                    "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--topk",
-                                   str(args.topk), "--eval", str(held_out), "--out", str(out / "runs")],
+                                   str(args.topk), "--eval", str(held_out), "--out", str(out / "runs"),
+                                   "--min-clients", "2"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         url = next(m.group(1) for line in server.stdout if (m := re.search(r"listening on (ws://\S+)", line)))
         edges = [subprocess.Popen([*CLI, "edge", url, "--bundle", str(bundle), "--data", str(s), "--batch-size", "4",

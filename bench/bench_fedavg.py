@@ -60,7 +60,7 @@ def rounds_of(metrics: Path) -> list[dict]:
 def run(model: Path, bundle: Path, shards: list[Path], out: Path, args, *, devices: int) -> list[list[dict]]:
     server = subprocess.Popen([*CLI, "serve", str(model), "--mode", "fedavg", "--lora-rank", "8", "--port", "0",
                                "--threads", "1", "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
-                               "--update-wire", args.update_wire],
+                               "--update-wire", args.update_wire, "--min-clients", str(devices)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = next(m.group(1) for line in server.stdout if (m := re.search(r"listening on (ws://\S+)", line)))

@@ -70,7 +70,8 @@ class FedAvgStrategy(Strategy):
         largest = max(int(np.prod(s)) * 4 for s in self.shapes.values())
         self.limits = Limits(max_frame_bytes=max(cfg.max_chunk_bytes, largest) + (1 << 20))
         self.partial: dict[str, PartialUpdate] = {}
-        self.rounds = Rounds(deadline_s=cfg.round_deadline_s, close=self._close_round, log=log)
+        self.rounds = Rounds(deadline_s=cfg.round_deadline_s, close=self._close_round, min_reports=cfg.min_clients,
+                             log=log)
         self.writer = RoundWriter(cfg.out)
         self.eval_batches = model.eval_batches(eval_data) if eval_data is not None else None
         self._bytes_at_round_start: dict[str, tuple[int, int]] = {}

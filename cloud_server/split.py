@@ -55,7 +55,8 @@ class SplitStrategy(Strategy):
         self.pending: dict[str, tuple[int, PendingStep]] = {}    # by client_id: a U-shape step in flight
         self.global_step = 0
         self.global_head: dict[str, np.ndarray] = {}
-        self.rounds = Rounds(deadline_s=cfg.round_deadline_s, close=self._close_round, log=log)
+        self.rounds = Rounds(deadline_s=cfg.round_deadline_s, close=self._close_round, min_reports=cfg.min_clients,
+                             log=log)
         self.writer = RoundWriter(cfg.out)
         self._head_shapes = {n: v.shape for n, v in body.lora_tensors(head=True).items()}
         self._body_lock = asyncio.Lock()

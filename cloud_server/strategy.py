@@ -38,6 +38,7 @@ class ServeConfig:
     codec: str = "f16"               # activations and their gradients, both directions
     update_codec: str = "f32"        # parameters: adapters, updates, globals
     max_clients: int = 8
+    min_clients: int = 1             # a round closes on its expected reports only once this many have reported
     max_batch: int = 16
     max_seq_len: int = 1024
     max_chunk_bytes: int = 8 << 20   # update / global / logits chunks stay under this
@@ -109,19 +110,24 @@ class Rounds:
     """Reports by client_id for the open round, the clients it waits for, and its deadline.
 
     A round waits for every connected client and every one gone without a bye (or restored from a
-    saved state) until it is back; it closes when they have all reported, or `deadline_s` after
-    its first report. `close` is the strategy's round end; it runs at most once per round.
+    saved state) until it is back; it closes when they have all reported (and at least
+    `min_reports` have), or `deadline_s` after its first report. `close` is the strategy's round
+    end; it runs at most once per round.
     """
 
-    def __init__(self, *, deadline_s: float, close: Callable[[dict], Awaitable[None]], log=print):
+    def __init__(self, *, deadline_s: float, close: Callable[[dict], Awaitable[None]], min_reports: int = 1,
+                 log=print):
         self.number = 0
+        self.min_reports = min_reports
         self.reports: dict[str, object] = {}
         self.awaited: set[str] = set()
         self._deadline_s, self._close, self.log = deadline_s, close, log
         self._deadline: asyncio.Task | None = None
 
     def complete(self, connected: set[str]) -> bool:
-        return bool(self.reports) and self.reports.keys() >= connected | self.awaited
+        """Every expected client has reported, and at least `min_reports` have (Flower's min_fit_clients:
+        a server started before its devices does not close round 0 with the first one alone)."""
+        return len(self.reports) >= max(self.min_reports, 1) and self.reports.keys() >= connected | self.awaited
 
     async def report(self, client_id: str, report: object, connected: set[str]) -> None:
         self.reports[client_id] = report

@@ -38,7 +38,7 @@ def _serve(args) -> None:
     _positive(lora_alpha=args.lora_alpha, lr=args.lr, round_deadline=args.round_deadline)
     if not 0 <= args.port <= 65535:
         raise SplitLMError(f"--port: expected 0..65535 (0 picks a free one), got {args.port}")
-    _at_least(args, rounds=0, topk=1)
+    _at_least(args, rounds=0, topk=1, min_clients=1)
     if args.mode == "split" and args.cut is None:
         raise SplitLMError("--cut K is needed with --mode split: the layer the devices' bundles were cut at")
     if args.resume and args.mode != "split":

@@ -82,7 +82,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     log = lambda line: print(line, flush=True)  # noqa: E731
     cfg = ServeConfig(host=args.host, port=args.port, mode=args.mode, steps_per_round=args.steps_per_round,
                       rounds=args.rounds, codec=args.wire, update_codec=args.update_wire, topk=args.topk,
-                      max_clients=args.max_clients, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                      max_clients=args.max_clients, min_clients=args.min_clients, max_batch=args.max_batch,
+                      max_seq_len=args.max_seq_len,
                       round_deadline_s=args.round_deadline, out=out, save_state=out is not None)
     strategy = _strategy(args, cfg, log)
     if args.resume:
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for late clients")
     p.add_argument("--wire", default="f16", choices=("f32", "f16", "q8"), help="float codec on the wire")
     p.add_argument("--max-clients", type=int, default=8, help="clients training at once; more are refused")
+    p.add_argument("--min-clients", type=int, default=1,
+                   help="a round closes on its reports only once this many clients have reported (or at its deadline)")
     p.add_argument("--max-batch", type=int, default=16, help="largest batch a client may send")
     p.add_argument("--max-seq-len", type=int, default=1024, help="longest sequence a client may send")
     p.add_argument("--out", help="folder for per-round adapters and metrics, and the server state "

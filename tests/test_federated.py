@@ -100,7 +100,7 @@ def test_fedavg_global_equals_a_centralized_fedavg_simulation(fed, tiny_llama, t
     root, bundles = fed
     bundle = bundles["fedavg", train]
     server = ServerProcess(str(tiny_llama), "--mode", "fedavg", "--train", train, "--lora-rank", str(RANK),
-                           "--rounds", str(ROUNDS), "--local-steps", str(LOCAL), "--update-wire", "f32",
+                           "--rounds", str(ROUNDS), "--local-steps", str(LOCAL), "--update-wire", "f32", "--min-clients", "2",
                            "--out", str(tmp_path / "out"), "--eval", str(root / "eval.jsonl"))
     try:
         for r in run_devices(server, bundle, root, "--metrics-out", str(tmp_path / "m.jsonl")):
@@ -133,7 +133,7 @@ def test_fedavg_bytes_on_the_wire_are_the_update_plus_headers(fed, tiny_llama, t
     root, bundles = fed
     bundle = bundles["fedavg", "lora"]
     server = ServerProcess(str(tiny_llama), "--mode", "fedavg", "--lora-rank", str(RANK), "--rounds", "1",
-                           "--local-steps", "1", "--out", str(tmp_path / "out"))
+                           "--local-steps", "1", "--min-clients", "2", "--out", str(tmp_path / "out"))
     try:
         results = run_devices(server, bundle, root, "--metrics-out", str(tmp_path / "m.jsonl"))
         assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
@@ -153,7 +153,7 @@ def test_distill_bytes_per_round_are_public_tokens_times_k_times_entry_bytes(fed
     bundle = bundles["distill", "lora"]
     k = 8
     server = ServerProcess(str(tiny_llama), "--mode", "distill", "--lora-rank", str(RANK), "--rounds", "2",
-                           "--local-steps", "1", "--topk", str(k), "--out", str(tmp_path / "out"),
+                           "--local-steps", "1", "--topk", str(k), "--min-clients", "2", "--out", str(tmp_path / "out"),
                            "--eval", str(root / "eval.jsonl"))
     try:
         results = run_devices(server, bundle, root)
