@@ -68,6 +68,9 @@ class Manifest:
     format: int = FORMAT_VERSION
     splitlm_version: str = ""
     wire: dict[str, str] = field(default_factory=lambda: {"codec": "f16"})
+    # A floor of device-side defenses (edge_client.privacy): {"clip", "noise", "grad_clip", "grad_noise"}.
+    # The device applies the stronger of this and its own settings; empty: the device's own.
+    privacy: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
