@@ -62,8 +62,9 @@ def bundle_for(model: str, cut: int, bundles: Path) -> Bundle:
 
 
 def fine_tune(model: str, bundle: Bundle, runtime: HeadRuntime, data: Path, held_out: Path, settings: PrivacySettings, *,
-              steps: int, batch: int, seq: int, seed: int) -> dict:
-    """U-shape split fine-tune in one process; held-out loss before (step 0) and after."""
+              steps: int, batch: int, seq: int, seed: int, held_out_tokens: int, before: float | None = None) -> dict:
+    """U-shape split fine-tune in one process; held-out loss before (step 0; pass it when known) and after,
+    on the first `held_out_tokens` tokens of the held-out batches (seed 0: the same tokens every time)."""
     from splitlm.cloud_server.body import Body, BodyConfig
     from splitlm.export.graphs import causal_lm_loss
 
@@ -78,6 +79,8 @@ def fine_tune(model: str, bundle: Bundle, runtime: HeadRuntime, data: Path, held
     def held_out_loss() -> float:
         total = count = 0.0
         for s in range(evals.steps_per_epoch):
+            if count >= held_out_tokens:
+                break
             b = evals.batch(s)
             h = runtime.forward(b.input_ids, b.attention_mask, lora)  # the clean head: inference is not the wire
             with torch.no_grad():
@@ -88,7 +91,7 @@ def fine_tune(model: str, bundle: Bundle, runtime: HeadRuntime, data: Path, held
             total, count = total + float(loss) * n, count + n
         return total / count
 
-    before = held_out_loss()
+    before = held_out_loss() if before is None else before
     for step in range(steps):
         b = train.batch(step)
         h_k = privatizer.hidden(runtime.forward(b.input_ids, b.attention_mask, lora))      # (B, T, H) sent
@@ -152,17 +155,21 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024, help="victim tokens attacked")
     p.add_argument("--exact-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--held-out-tokens", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bundles", default=str(Path(tempfile.gettempdir()) / "splitlm-privacy-bundles"))
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--append", action="store_true", help="keep the results already in OUT/privacy_frontier.json")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = texts(Path(args.bundles) / "text")
     results: list[dict] = []
+    if args.append and (out / "privacy_frontier.json").is_file():
+        results = json.loads((out / "privacy_frontier.json").read_text())["results"]
     from splitlm.export.arch import Arch
     from splitlm.export.bundle import load_model
 
@@ -182,8 +189,12 @@ def main() -> None:
         grad_clip = _median_norm(clean.tail_grad, clean.attention_mask)
         print(f"K={cut}: dictionary + public frames in {time.perf_counter() - t0:.0f} s; clip {clip:.3g}, "
               f"grad clip {grad_clip:.3g}", flush=True)
-        baseline = None
+        done = {r["sigma"]: r for r in results if r["cut"] == cut}  # from --append
+        baseline = done[0.0]["held_out_after"] if 0.0 in done else None
+        before = done[0.0]["held_out_before"] if 0.0 in done else None
         for sigma in args.sigmas:
+            if sigma in done:
+                continue
             t0 = time.perf_counter()
             settings = (PrivacySettings() if sigma == 0 else
                         PrivacySettings(Noise(clip, sigma), Noise(grad_clip, sigma)))
@@ -192,7 +203,9 @@ def main() -> None:
             recovery = run_attacks(bundle, runtime, tables, clean_public, frames, settings, arch,
                                    exact_tokens=args.exact_tokens)
             tune = fine_tune(args.model, bundle, runtime, files["victim"], files["held_out"], settings, steps=args.steps,
-                             batch=args.batch, seq=args.seq, seed=args.seed)
+                             batch=args.batch, seq=args.seq, seed=args.seed, held_out_tokens=args.held_out_tokens,
+                             before=before)
+            before = tune["held_out_before"]
             baseline = tune["held_out_after"] if sigma == 0 else baseline
             row = {"cut": cut, "sigma": sigma, "clip": None if sigma == 0 else clip,
                    "grad_clip": None if sigma == 0 else grad_clip, "recovery": recovery,

@@ -89,6 +89,9 @@ class EdgeClient:
         self.meter = Meter(metrics_out=cfg.metrics_out)
         # Applied to every h_K and tail_grad before encode; nothing the server sends changes it.
         self.privatizer = Privatizer(effective(cfg.privacy, PrivacySettings.from_dict(m.privacy)))
+        if self.privatizer.settings != PrivacySettings():
+            print(f"{cfg.client_id}: privacy {self.privatizer.settings.as_dict()} applied before anything is sent",
+                  file=sys.stderr)
         self.limits = Limits(hidden_size=m.model.hidden_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.data.steps_per_epoch
         self._seq = itertools.count()
