@@ -101,7 +101,8 @@ def run_audit(cfg: AuditConfig, *, log=lambda line: None) -> AuditResult:
     if cfg.frame_log is not None:
         frames = log_frames(cfg.frame_log, bundle, cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
     else:
-        frames = device_frames(bundle, cfg.data, settings=settings, runtime=runtime, body=body, seq_len=cfg.seq_len,
+        frames = device_frames(bundle, cfg.data, settings=settings, runtime=runtime,
+                               body=body if "labels" in cfg.attacks else None, seq_len=cfg.seq_len,
                                batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, rng=rng,
                                progress=bar(cfg.max_tokens, "device frames"))
     result = AuditResult(cut=m.cut, labels_mode=m.labels, privacy=settings.as_dict(), n_tokens=frames.n_tokens)
