@@ -122,8 +122,11 @@ def run_attacks(bundle, runtime, tables, public, frames, settings, arch, *, exac
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plot: pip install matplotlib", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
