@@ -142,6 +142,7 @@ def plot(results: list[dict], path: Path) -> None:
                 ax.annotate(f"σ={r['sigma']:g}", (xi, yi), fontsize=7)
         ax.axhline(10, color="grey", ls=":")
         ax.axvline(5, color="grey", ls=":")
+        ax.set_ylim(0, 105)
         ax.set_xlabel("held-out loss cost vs undefended (%)")
         ax.set_ylabel("recovered (%)")
         ax.set_title(title, fontsize=9)
