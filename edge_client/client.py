@@ -201,8 +201,9 @@ class EdgeClient:
         on_device = self.bundle.manifest.labels == "device"
         with self.meter.compute():
             h_k = self.runtime.forward(batch.input_ids, batch.attention_mask, self.lora)  # (B, T, H)
+        sent = self.privatizer.hidden(h_k)  # the device's clip + noise, if any: nothing else leaves
         # 5 bytes a token beside the activations: the mask as uint8, labels as int32.
-        await self._send(ws, Forward(step=step, hidden=self.privatizer.hidden(h_k), attention_mask=batch.attention_mask.astype(np.uint8),
+        await self._send(ws, Forward(step=step, hidden=sent, attention_mask=batch.attention_mask.astype(np.uint8),
                                      labels=None if on_device else batch.labels.astype(np.int32)))
         if on_device:
             hidden = await self._recv(ws, Hidden)
