@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024, help="victim tokens attacked")
     p.add_argument("--exact-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--held-out-tokens", type=int, default=2048)
+    p.add_argument("--held-out-tokens", type=int, default=10 ** 9, help="default: the whole held-out text")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
