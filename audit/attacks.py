@@ -92,8 +92,9 @@ class Tables:
 
 def dictionary_tables(runtime: HeadRuntime, lora: dict[str, np.ndarray], *, prefix: tuple[int, ...],
                       progress=None) -> Tables:
-    """Position 0 and after `prefix`. Measured on SmolLM2 K=2 (2,016 GFDL tokens past position 0,
-    cosine): after nothing (position 0) 14%, after eos 91%, after eos + " the" 93%."""
+    """Position 0 and after `prefix`. Measured once on SmolLM2 K=2 (2,016 GFDL tokens past position 0,
+    cosine, a torch head): a table read at position 0 recovered 14% of them, after eos 91%, after
+    eos + " the" 93%: position 0 is SmolLM2's attention sink (its h_K norm is ~200 against ~65)."""
     return Tables(token_table(runtime, lora, progress=progress), token_table(runtime, lora, prefix=prefix,
                                                                              progress=progress))
 
