@@ -36,6 +36,7 @@ from splitlm.protocol import (FLOAT_CODECS, Adapter, AdapterGlobal, Backward, By
 from .data import Dataset
 from .meter import Meter
 from .optim import AdamW
+from .privacy import PrivacySettings, Privatizer, effective
 from .runtime import HeadRuntime
 from .state import EdgeState, Position, Resume, StateError, client_resume, load_state, save_state
 
@@ -69,6 +70,7 @@ class EdgeConfig:
     state: Path | None = None       # training state file, rewritten after every step; None: none
     resume: bool = False            # continue from `state`
     reconnect_tries: int = 8        # reconnects in a row before giving up (0.5 s doubling to 8 s apart)
+    privacy: PrivacySettings = PrivacySettings()  # the device's floor; the manifest can only raise it
 
 
 class ServerError(SplitLMError):
@@ -85,8 +87,12 @@ class NeverConnected(SplitLMError):
 
 def make_client(cfg: EdgeConfig):
     """The client for the bundle's mode: split (EdgeClient), or fedavg / distill (FederatedClient)."""
-    if Bundle.open(cfg.bundle, verify=False).manifest.mode == "split":
+    mode = Bundle.open(cfg.bundle, verify=False).manifest.mode
+    if mode == "split":
         return EdgeClient(cfg)
+    if cfg.privacy != PrivacySettings():
+        raise SplitLMError(f"--clip/--noise/--grad-*: a {mode} device sends no activations or gradients, "
+                           "only what the round exchanges; these options are for split bundles")
     from .federated import FederatedClient
     return FederatedClient(cfg)
 
@@ -109,6 +115,11 @@ class EdgeClient:
         self.lora = self.bundle.lora_init()
         self.optim = AdamW(lr=cfg.lr)
         self.meter = Meter(metrics_out=cfg.metrics_out)
+        # Applied to every h_K and tail_grad before encode; nothing the server sends changes it.
+        self.privatizer = Privatizer(effective(cfg.privacy, PrivacySettings.from_dict(m.privacy)))
+        if self.privatizer.settings != PrivacySettings():
+            print(f"{cfg.client_id}: privacy {self.privatizer.settings.as_dict()} applied before anything is sent",
+                  file=sys.stderr)
         self.limits = Limits(hidden_size=m.model.hidden_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.data.steps_per_epoch
         self._seq = itertools.count()
@@ -223,14 +234,15 @@ class EdgeClient:
         on_device = self.bundle.manifest.labels == "device"
         with self.meter.compute():
             h_k = self.runtime.forward(batch.input_ids, batch.attention_mask, self.lora)  # (B, T, H)
+        sent = self.privatizer.hidden(h_k)  # the device's clip + noise, if any: nothing else leaves
         # 5 bytes a token beside the activations: the mask as uint8, labels as int32.
-        await self._send(ws, Forward(step=step, hidden=h_k, attention_mask=batch.attention_mask.astype(np.uint8),
+        await self._send(ws, Forward(step=step, hidden=sent, attention_mask=batch.attention_mask.astype(np.uint8),
                                      labels=None if on_device else batch.labels.astype(np.int32)))
         if on_device:
             hidden = await self._recv(ws, Hidden)
             with self.meter.compute():
                 loss, grad_n = self.runtime.tail(hidden.hidden, batch.labels, batch.attention_mask)
-            await self._send(ws, TailGrad(step=step, grad=grad_n, loss=float(loss)))
+            await self._send(ws, TailGrad(step=step, grad=self.privatizer.tail_grad(grad_n), loss=float(loss)))
         backward = await self._recv(ws, Backward)
         self._apply(batch, backward)
         return float(backward.loss)

@@ -132,10 +132,16 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                      threads=args.threads,
                      metrics_out=Path(args.metrics_out) if args.metrics_out else None,
                      state=Path(args.state) if args.state else None, resume=args.resume,
-                     reconnect_tries=args.reconnect_tries)
+                     reconnect_tries=args.reconnect_tries, privacy=_privacy_settings(args))
     summary = asyncio.run(make_client(cfg).run())
     print(f"{cfg.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))
+
+
+def _privacy_settings(args: argparse.Namespace):
+    from splitlm.edge_client.privacy import Noise, PrivacySettings
+
+    return PrivacySettings(Noise(args.clip, args.noise), Noise(args.grad_clip, args.grad_noise))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -156,6 +162,20 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     else:
         result = evaluate(args.model, args.data, adapter=args.adapter, **kw)
         print(json.dumps(result.as_dict()) if args.json else result.line())
+
+
+def _cmd_audit(args: argparse.Namespace) -> None:
+    import json
+
+    from splitlm.audit.run import AuditConfig, run_audit
+
+    cfg = AuditConfig(model=args.model, bundle=Path(args.bundle), data=Path(args.data),
+                      public=Path(args.public) if args.public else None, attacks=tuple(args.attacks),
+                      privacy=_privacy_settings(args), max_tokens=args.max_tokens, seq_len=args.seq_len,
+                      batch_size=args.batch_size, frame_log=Path(args.frames) if args.frames else None,
+                      seed=args.seed, progress=sys.stderr.isatty() or args.progress)
+    result = run_audit(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -265,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --state after this process died")
     p.add_argument("--reconnect-tries", type=int, default=8,
                    help="reconnects in a row before giving up when the link drops (0.5 s doubling to 8 s apart)")
+    p.add_argument("--clip", type=float, help="clip each token's h_K to this L2 norm before it leaves the device")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="Gaussian noise on h_K after the clip, expected norm NOISE x CLIP per token (needs --clip)")
+    p.add_argument("--grad-clip", type=float, help="U-shape: clip each token's tail_grad to this L2 norm")
+    p.add_argument("--grad-noise", type=float, default=0.0, help="U-shape: noise on tail_grad, as --noise")
     p.set_defaults(run=_cmd_edge)
 
     p = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ PEFT adapter) on data")
@@ -280,6 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (0: torch's default, which is slow when other processes share the cores)")
     p.add_argument("--no-base", action="store_true", help="with --adapter: skip the base model's numbers")
     p.set_defaults(run=_cmd_eval)
+
+    from splitlm.audit import ATTACKS, CHEAP
+
+    p = sub.add_parser("audit", help="play a curious server: how much of a device's text its frames give away")
+    p.add_argument("model", help="the server's model folder, or 'default'")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True, help="the device's data (.txt or .jsonl), read as the edge reads it")
+    p.add_argument("--public", help="the server's own text, to fit the inverter on")
+    p.add_argument("--attacks", nargs="+", default=list(CHEAP), choices=ATTACKS)
+    p.add_argument("--frames", help="a recorded frame log (msgpack bin frames) to score instead of running the device")
+    p.add_argument("--max-tokens", type=int, default=2048, help="device tokens to attack")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, help="the device's noise seed (default: OS entropy, as on a device)")
+    p.add_argument("--clip", type=float, help="the device's --clip")
+    p.add_argument("--noise", type=float, default=0.0, help="the device's --noise")
+    p.add_argument("--grad-clip", type=float, help="the device's --grad-clip")
+    p.add_argument("--grad-noise", type=float, default=0.0, help="the device's --grad-noise")
+    p.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(run=_cmd_audit)
 
     p = sub.add_parser("demo", help="default model, a q4 bundle, a server and two edge clients on 127.0.0.1")
     p.add_argument("--steps", type=int, default=20, help="steps per client (a round every 5)")

@@ -30,6 +30,7 @@ at the end it prints the `splitlm serve` and `splitlm edge` lines that match the
     "serve": """\
 examples:
   splitlm serve default --cut 2 --out runs
+  splitlm serve default --mode fedavg --rounds 3 --local-steps 10 --min-clients 2 --out runs
   splitlm serve default --cut 2 --host 0.0.0.0 --port 8765 --out runs --threads 1
 
 each round writes OUT/round-NNNN/adapter, a PEFT adapter of the whole model.""",
@@ -45,6 +46,13 @@ examples:
   splitlm eval default --data held_out.jsonl --json
 
 with --adapter it prints the base model and the adapter side by side.""",
+    "audit": """\
+examples:
+  splitlm audit default --bundle bundle --data mine.jsonl
+  splitlm audit default --bundle bundle --data mine.jsonl --json > audit.json
+
+it plays a curious server that holds the model: the share of the device's tokens each attack reads
+back from what the device would send (with the device's --clip/--noise applied).""",
     "demo": """\
 examples:
   splitlm demo

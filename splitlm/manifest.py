@@ -84,6 +84,9 @@ class Manifest:
     trainables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # graph input name -> shape (JSON sorts the names; sessions are fed by name)
     topk: int = 0                                         # distill: k of topk.onnx (a session takes <= k)
     public: dict | None = None                            # distill: {"name", "sha256", "tokens", "seq_len"}
+    # A floor of device-side defenses (edge_client.privacy): {"clip", "noise", "grad_clip", "grad_noise"}.
+    # The device applies the stronger of this and its own settings; empty: the device's own.
+    privacy: dict = field(default_factory=dict)
 
     @property
     def init_file(self) -> str:

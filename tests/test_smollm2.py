@@ -113,3 +113,14 @@ def test_fp32_split_matches_centralized_on_smollm2(smol_bundle, smollm2, train_t
     print(f"\n{labels}: split", " ".join(f"{x:.4f}" for x in split))
     print(f"{labels}: central", " ".join(f"{x:.4f}" for x in central))
     np.testing.assert_allclose(split, central, rtol=1e-3)
+
+
+def test_tail_grad_gives_back_the_labels_of_held_out_english(smol_bundle, smollm2):
+    """U-shape's leak on the real model: a curious server reads every label (the text shifted by one)
+    back from tail_grad in closed form. 512 tokens of Python's LICENSE.txt, no defense."""
+    from splitlm.audit.run import AuditConfig, run_audit
+
+    result = run_audit(AuditConfig(model=str(smollm2), bundle=smol_bundle("fp32", "device").path, data=EVAL_TEXT,
+                                   attacks=("labels",), max_tokens=512, seed=0))
+    assert result.n_tokens >= 512
+    assert result.recovery["labels"] > 0.99
