@@ -49,6 +49,10 @@ def _serve(args) -> None:
 
 
 def _edge(args) -> None:
+    from splitlm.edge_client.privacy import Noise  # torch-free: its own checks say what is wrong
+
+    Noise(args.clip, args.noise)
+    Noise(args.grad_clip, args.grad_noise)
     if args.resume and not args.state:
         raise SplitLMError("--resume needs --state FILE: the state to continue from")
     if not args.url.startswith(("ws://", "wss://")):
