@@ -3,6 +3,7 @@
     forward(ids, mask, loras)               head.onnx       -> hidden            (B, T, H)
     lora_grads(ids, mask, grad_h, loras)    head_grad.onnx  -> {name: dL/dlora}
     tail(hidden_N, labels, mask)            tail.onnx       -> loss, dL/dhidden_N  (labels on device)
+                                            run `tail_chunk` tokens at a time (edge_client/tail.py)
 
 head.onnx and head_grad.onnx each embed the same frozen weights (the embedding is 80% of a
 SmolLM2 head), and two plain sessions keep two copies. Here each distinct large initializer is
@@ -39,16 +40,20 @@ import onnxruntime as ort
 from splitlm.errors import BundleMismatch
 from splitlm.manifest import Bundle
 
+from .tail import chunked_tail
+
 SHARE_MIN_BYTES = 1 << 16  # smaller initializers stay inside their graph
 HASH_CHUNK = 1 << 20
 PROVIDERS = ["CPUExecutionProvider"]
+TAIL_CHUNK = 64  # tokens per tail.onnx run: SmolLM2's logits and their gradient, ~1.3 MB a token
 
 
 class HeadRuntime:
     """The device's graphs of one bundle: head, its VJP and (labels on device) the tail."""
 
     def __init__(self, bundle: Bundle | str | Path, *, threads: int = 0, share_weights: bool = True,
-                 mem_arena: bool = False):
+                 mem_arena: bool = False, tail_chunk: int | None = TAIL_CHUNK):
+        self.tail_chunk = tail_chunk  # None: the whole batch in one run
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.manifest = self.bundle.manifest
         self.threads, self.mem_arena = threads, mem_arena
@@ -98,8 +103,13 @@ class HeadRuntime:
             raise BundleMismatch(f"bundle {self.bundle.path} has no tail.onnx: it was exported with labels "
                                  f"at the {self.manifest.labels}; export it with --labels device")
         tokens = self._token_inputs(labels, attention_mask)
-        feed = {"hidden": self._float(hidden, "hidden", labels.shape), "labels": tokens["input_ids"],
-                "attention_mask": tokens["attention_mask"]}
+        hidden = self._float(hidden, "hidden", labels.shape)
+        if self.tail_chunk is None:
+            return self._tail_run(hidden, tokens["input_ids"], tokens["attention_mask"])
+        return chunked_tail(self._tail_run, hidden, tokens["input_ids"], tokens["attention_mask"], self.tail_chunk)
+
+    def _tail_run(self, hidden: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray) -> tuple[float, np.ndarray]:
+        feed = {"hidden": hidden, "labels": labels, "attention_mask": attention_mask}
         loss, grad = self.tail_session.run(["loss", "grad_hidden"], feed)
         return float(loss), grad
 
