@@ -81,6 +81,9 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                      metrics_out=Path(args.metrics_out) if args.metrics_out else None,
                      state=Path(args.state) if args.state else None, resume=args.resume,
                      reconnect_tries=args.reconnect_tries)
+    if args.max_memory is not None:  # before any connection: refuse what cannot fit
+        from splitlm.edge_client.fit import fit_config
+        cfg = fit_config(cfg, args.max_memory, log=lambda line: print(line, flush=True))
     summary = asyncio.run(EdgeClient(cfg).run())
     print(f"{args.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))
@@ -176,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --state after this process died")
     p.add_argument("--reconnect-tries", type=int, default=8,
                    help="reconnects in a row before giving up when the link drops (0.5 s doubling to 8 s apart)")
+    p.add_argument("--max-memory", type=float, metavar="MB",
+                   help="peak memory this device may use: picks the batch size (<= --batch-size) and tail chunk "
+                        "that fit, measured on this device, or refuses before connecting")
     p.set_defaults(run=_cmd_edge)
 
     p = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ PEFT adapter) on data")
