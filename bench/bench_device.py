@@ -128,11 +128,18 @@ def device_times(bundle_dir: Path, ids: np.ndarray) -> dict:
 # --- memory, each in a fresh process -----------------------------------------------------------
 
 def memory_child(bundle_dir: str, mode: str, seq: int) -> dict:
-    """mode: 'train' (forward + head_grad) or 'labels-device[-whole]' (forward, tail, head_grad)."""
+    """mode: 'train' (forward + head_grad; labels at the server, so no tail session) or
+    'labels-device[-whole]' (forward, tail chunked or in one run, head_grad)."""
+    import dataclasses
+
     from splitlm.edge_client.meter import rss_peak_mb
     from splitlm.edge_client.runtime import HeadRuntime
+    from splitlm.manifest import Bundle
 
-    rt = HeadRuntime(bundle_dir, threads=1, **({"tail_chunk": None} if mode.endswith("whole") else {}))
+    bundle = Bundle.open(bundle_dir, verify=False)
+    if mode == "train":
+        bundle = Bundle(bundle.path, dataclasses.replace(bundle.manifest, labels="server"))
+    rt = HeadRuntime(bundle, threads=1, **({"tail_chunk": None} if mode.endswith("whole") else {}))
     ids = np.random.default_rng(0).integers(0, rt.manifest.model.vocab_size, (1, seq), dtype=np.int64)
     mask, loras = np.ones_like(ids), rt.bundle.lora_init()
     peaks = []
@@ -202,6 +209,12 @@ def main() -> None:
         print(f"peak RSS, q4, batch 1 x 512, fresh process, after 3 steps: training step {mem['train']['peak_mb']:.0f} MB; "
               f"labels on device {mem['labels-device-whole']['peak_mb']:.0f} MB with the tail in one run -> "
               f"{mem['labels-device']['peak_mb']:.0f} MB chunked")
+        from splitlm.edge_client.fit import probe
+        from splitlm.edge_client.runtime import TAIL_CHUNK
+        predicted = probe(q4, seq=512, chunk=TAIL_CHUNK, threads=1).predict(1, 512, TAIL_CHUNK)
+        mem["max_memory_predicted_mb"] = predicted
+        print(f"--max-memory's model for that labels-on-device step: {predicted:.0f} MB predicted, "
+              f"{mem['labels-device']['peak_mb']:.0f} MB measured")
     print(json.dumps(result))
 
 
