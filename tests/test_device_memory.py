@@ -35,7 +35,7 @@ print(json.dumps({"rss_peak_mb": record["rss_peak_mb"],
 
 
 def test_a_device_started_by_a_large_parent_reports_its_own_peak(tiny_bundle):
-    bundle = tiny_bundle("server")
+    bundle = tiny_bundle("device")  # the one the other device tests use
     ballast = np.ones(PARENT_MB * 1_000_000 // 8)  # 800 MB touched in this (the parent) process
     assert rss_peak_mb() > PARENT_MB
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -49,7 +49,7 @@ trap 'rm -rf "$BUILD"' EXIT
 cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/splitlm" "$REPO/protocol" "$REPO/edge_client" \
   "$REPO/cloud_server" "$REPO/export" "$BUILD/"
 rm -f "$WHEELS"/splitlm-*.whl
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WHEELS" "$BUILD" >/dev/null
+"$PY" -m pip wheel -q --no-deps -w "$WHEELS" "$BUILD" >/dev/null  # setuptools from PyPI, isolated
 
 # 3. mounts: /proc with a Raspberry Pi 4's cpuinfo over it (onnxruntime's cpuinfo segfaults under
 #    qemu 7.2 on the host's x86 one), the wheels and the work folder
