@@ -54,7 +54,7 @@ rm -f "$WHEELS"/splitlm-*.whl
 # 3. mounts: /proc with a Raspberry Pi 4's cpuinfo over it (onnxruntime's cpuinfo segfaults under
 #    qemu 7.2 on the host's x86 one), the wheels and the work folder
 cleanup() {
-  for m in work wheels proc/cpuinfo proc; do mountpoint -q "$ROOT/$m" 2>/dev/null && umount "$ROOT/$m"; done
+  for m in work wheels proc/cpuinfo proc; do umount "$ROOT/$m" 2>/dev/null || true; done
   [ -n "${SERVER:-}" ] && kill "$SERVER" 2>/dev/null || true
   rm -rf "$BUILD"
 }
