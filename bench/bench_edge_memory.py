@@ -3,7 +3,7 @@
     splitlm export default --cut 2 --quant fp32 --out /tmp/smol-fp32
     python bench/bench_edge_memory.py /tmp/smol-fp32 [/tmp/smol-q4 ...] [--seq 512 --batch 1 --steps 1]
 
-Each configuration runs in a fresh subprocess, so its peak (ru_maxrss) is its own. `plain` is
+Each configuration runs in a fresh subprocess, so its peak (VmHWM) is its own. `plain` is
 two onnxruntime sessions opened from the files with onnxruntime's defaults (CPU memory arena
 and memory pattern on): the baseline every ratio is against, measured in the same run. `shared`
 is HeadRuntime's weight pool (one copy of each frozen weight for both sessions); `no
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -30,7 +29,9 @@ CONFIGS = {  # name -> HeadRuntime keywords
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's own peak (VmHWM; ru_maxrss would carry a large parent's peak over exec)."""
+    from splitlm.edge_client.meter import rss_peak_mb
+    return rss_peak_mb()
 
 
 def child(bundle: str, config: str, *, seq: int, batch: int, steps: int) -> dict:

@@ -71,6 +71,7 @@ class EdgeConfig:
     resume: bool = False            # continue from `state`
     reconnect_tries: int = 8        # reconnects in a row before giving up (0.5 s doubling to 8 s apart)
     privacy: PrivacySettings = PrivacySettings()  # the device's floor; the manifest can only raise it
+    tail_chunk: int | None = None   # tokens per tail.onnx run (labels on device); None: the runtime's default
 
 
 class ServerError(SplitLMError):
@@ -111,7 +112,8 @@ class EdgeClient:
         m = self.bundle.manifest
         self.data = Dataset.from_file(cfg.data, self.bundle, seq_len=min(cfg.seq_len, m.max_length),
                                       batch_size=cfg.batch_size, seed=cfg.seed)
-        self.runtime = HeadRuntime(self.bundle, threads=cfg.threads)
+        self.runtime = HeadRuntime(self.bundle, threads=cfg.threads,
+                                   **({"tail_chunk": cfg.tail_chunk} if cfg.tail_chunk else {}))
         self.lora = self.bundle.lora_init()
         self.optim = AdamW(lr=cfg.lr)
         self.meter = Meter(metrics_out=cfg.metrics_out)

@@ -8,7 +8,7 @@
 
 A step starts at the first timed section or count after the previous `end_step`; its `cpu_s`
 (process CPU time, every thread) and `wall_s` run from there to `end_step`. `rss_peak_mb` is the
-process's peak resident set so far.
+process's peak resident set so far (`rss_peak_mb()`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,34 @@ TIMES = ("compute_s", "wait_s", "cpu_s", "wall_s")
 COUNTS = ("bytes_up", "bytes_down")
 
 
+STATUS = Path("/proc/self/status")
+
+
 def rss_peak_mb() -> float:
-    """Peak resident set size of this process so far, in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in MB: its own, not a parent's.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this process image. Not
+    ru_maxrss: Linux carries that across fork and exec, so a device started by a 1.2 GB Python
+    parent reported 1,171 MB against 13 MB of its own. Where /proc is absent (macOS, BSD) this
+    falls back to ru_maxrss (bytes on macOS, KiB elsewhere), which there starts at the exec.
+    """
+    hwm_kib = vm_hwm_kib()
+    if hwm_kib is not None:
+        return hwm_kib * 1024 / 1e6
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
+
+
+def vm_hwm_kib(status: Path = STATUS) -> int | None:
+    """VmHWM in KiB from a /proc/<pid>/status file, or None where there is none."""
+    try:
+        text = status.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])  # "VmHWM:     12345 kB"
+    return None
 
 
 class Meter:

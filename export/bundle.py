@@ -148,6 +148,13 @@ def tail_preset(quant: str) -> str:
     return "q8" if quant == "q4" else quant
 
 
+TAIL_ACCURACY_LEVEL = 4
+"""The tail's MatMulNBits compute in int8 (MLAS's packed kernels). Its default float path
+dequantizes the whole 8-bit LM head to float32 on every run (113 MB for SmolLM2, which put the
+labels-on-device step over 400 MB); int8 compute moved the tail's loss by 2e-5 relative to float
+compute on SmolLM2, and ran it 2.3x faster."""
+
+
 def graph_opset(path: Path) -> int:
     import onnx
 
@@ -166,7 +173,8 @@ def _write(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: Export
         else:
             from .quantize import quantize_graph
             log(f"  quantizing {name} to {preset} ...")
-            quantize_graph(fp32 / name, staging / name, preset=preset)
+            level = TAIL_ACCURACY_LEVEL if name == "tail.onnx" else None
+            quantize_graph(fp32 / name, staging / name, preset=preset, accuracy_level=level)
         log(f"  {name:15s} {opts.quant:5s} {(staging / name).stat().st_size / 1e6:8.1f} MB")
     shutil.rmtree(fp32)
     pad_eos = write_tokenizer(path, staging)

@@ -56,8 +56,11 @@ MS_DOMAIN = "com.microsoft"
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
-def quantize_graph(src: Path, dst: Path, *, preset: str) -> None:
-    """Write `src` quantized with `preset` to `dst`, as one self-contained .onnx file."""
+def quantize_graph(src: Path, dst: Path, *, preset: str, accuracy_level: int | None = None) -> None:
+    """Write `src` quantized with `preset` to `dst`, as one self-contained .onnx file.
+
+    `accuracy_level` (MatMulNBits' attribute; 4 = int8 compute), when given, is set on every
+    MatMulNBits node afterwards; None keeps the preset's own choice."""
     if preset not in PRESETS:
         raise ExportError(f"unknown quant preset {preset!r}: choose from {', '.join(PRESETS)}")
     if preset == "fp32":
@@ -66,6 +69,8 @@ def quantize_graph(src: Path, dst: Path, *, preset: str) -> None:
     model = onnx.load(src)
     prepare_weights(model.graph)
     model = QUANTIZERS[preset](model)
+    if accuracy_level is not None:
+        set_accuracy_level(model.graph, accuracy_level)
     drop_unused_initializers(model.graph)
     onnx.save(model, dst)
 
@@ -199,6 +204,16 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         quantize_dynamic(model, out, op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=nodes,
                          per_channel=True, weight_type=QuantType.QInt8)
         return onnx.load(out)
+
+
+def set_accuracy_level(graph: onnx.GraphProto, level: int) -> None:
+    """MatMulNBits' compute type on every such node: 0 its default, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    (the activations quantized per block of K on the fly: MLAS's int8 kernels, VNNI on x86, dot
+    products on ARM)."""
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            _replace(node.attribute, [*kept, helper.make_attribute("accuracy_level", level)])
 
 
 QUANTIZERS = {"q8": quantize_q8, "q4": quantize_q4, "int8": quantize_int8}

@@ -133,6 +133,13 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                      metrics_out=Path(args.metrics_out) if args.metrics_out else None,
                      state=Path(args.state) if args.state else None, resume=args.resume,
                      reconnect_tries=args.reconnect_tries, privacy=_privacy_settings(args))
+    if args.max_memory is not None:  # before any connection: refuse what cannot fit
+        from splitlm.edge_client.fit import fit_config
+        from splitlm.manifest import Bundle
+
+        if Bundle.open(cfg.bundle, verify=False).manifest.mode != "split":
+            raise SplitLMError("--max-memory: the memory model covers split bundles so far, not fedavg or distill")
+        cfg = fit_config(cfg, args.max_memory, log=lambda line: print(line, flush=True))
     summary = asyncio.run(make_client(cfg).run())
     print(f"{cfg.client_id}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))
@@ -290,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gaussian noise on h_K after the clip, expected norm NOISE x CLIP per token (needs --clip)")
     p.add_argument("--grad-clip", type=float, help="U-shape: clip each token's tail_grad to this L2 norm")
     p.add_argument("--grad-noise", type=float, default=0.0, help="U-shape: noise on tail_grad, as --noise")
+    p.add_argument("--max-memory", type=float, metavar="MB",
+                   help="peak memory this device may use: picks the batch size (<= --batch-size) and tail chunk "
+                        "that fit, measured on this device, or refuses before connecting")
     p.set_defaults(run=_cmd_edge)
 
     p = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ PEFT adapter) on data")
