@@ -253,7 +253,10 @@ def encode(msg: Message, *, seq: int, codec: str = "f32") -> bytes:
 
 def codec_for(msg: Message, *, activations: str, parameters: str) -> str:
     """The session's codec for `msg`: parameter kinds (adapter, update, global, ...) use the
-    update codec, everything else the activations' codec."""
+    update codec, everything else the activations' codec; a `global` that carries values rather
+    than a delta (a device joining) goes f32, so both sides start from the same exact numbers."""
+    if isinstance(msg, Global) and not msg.delta:
+        return "f32"
     return parameters if type(msg).parameters else activations
 
 

@@ -212,6 +212,8 @@ def test_parameters_use_the_update_codec_and_activations_the_activation_codec():
     forward = next(m for m in SAMPLES if m.kind == "forward")
     assert p.codec_for(update, activations="f16", parameters="f32") == "f32"
     assert p.codec_for(forward, activations="f16", parameters="f32") == "f16"
+    values = p.Global(round=0, chunk=0, chunks=1, tensors={"w": _rng_floats(2)}, delta=False)
+    assert p.codec_for(values, activations="f16", parameters="q8") == "f32"  # a joining device gets exact values
     frame = p.encode(update, seq=0, codec=p.codec_for(update, activations="f16", parameters="f32"))
     np.testing.assert_array_equal(p.decode(frame, limits=LIMITS)[1].tensors["w"], update.tensors["w"])
 
