@@ -421,8 +421,10 @@ def test_chunking_keeps_whole_tensors_under_the_frame_limit_and_refuses_repeats(
     assert parts.complete
 
 
-def test_one_fedavg_round_against_splitlm_serve_ends_with_the_servers_global(bundles, data_file, tmp_path):
-    """The real server (a subprocess): the device's weights after the round are the global it wrote."""
+@pytest.mark.parametrize("wire", ["f32", "q8"])
+def test_one_fedavg_round_against_splitlm_serve_ends_with_the_servers_global(bundles, data_file, tmp_path, wire):
+    """The real server (a subprocess): the device's weights after the round are the global it wrote,
+    also through a lossy update codec (the join's values go exact, the deltas lossy on both sides)."""
     import asyncio
 
     from safetensors.numpy import load_file
@@ -433,7 +435,8 @@ def test_one_fedavg_round_against_splitlm_serve_ends_with_the_servers_global(bun
 
     model_dir, bundle = bundles["gpt2"]
     server = ServerProcess(str(model_dir), "--mode", "fedavg", "--train", "full", "--rounds", "1",
-                           "--steps-per-round", "2", "--lr", str(LR), "--out", str(tmp_path / "out"))
+                           "--steps-per-round", "2", "--lr", str(LR), "--out", str(tmp_path / "out"),
+                           "--update-wire", wire)
     try:
         client = FederatedClient(client_config(server.url, bundle, data_file, tmp_path))
         summary = asyncio.run(client.run())
