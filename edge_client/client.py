@@ -86,6 +86,17 @@ class NeverConnected(SplitLMError):
     """The first connection failed: nothing at the address ever answered as a splitlm server."""
 
 
+def read_reply(frame: bytes, *, limits: Limits, expected: tuple[type, ...]):
+    """The server's message in `frame`, if it is one of `expected`; its `error`, or anything else,
+    as a ServerError saying what came instead."""
+    _, msg = decode(frame, limits=limits)
+    if isinstance(msg, Error):
+        raise ServerError(f"server error ({msg.code}): {msg.message}")
+    if not isinstance(msg, expected):
+        raise ServerError(f"expected {' or '.join(t.kind for t in expected)} from the server, got {msg.kind!r}")
+    return msg
+
+
 def make_client(cfg: EdgeConfig):
     """The client for the bundle's mode: split (EdgeClient), or fedavg / distill (FederatedClient)."""
     mode = Bundle.open(cfg.bundle, verify=False).manifest.mode
@@ -178,12 +189,7 @@ class EdgeClient:
         with self.meter.wait():
             frame = await ws.recv()
         self.meter.count_down(len(frame))
-        _, msg = decode(frame, limits=self.limits)
-        if isinstance(msg, Error):
-            raise ServerError(f"server error ({msg.code}): {msg.message}")
-        if not isinstance(msg, expected):
-            raise ServerError(f"expected {' or '.join(t.kind for t in expected)} from the server, got {msg.kind!r}")
-        return msg
+        return read_reply(frame, limits=self.limits, expected=expected)
 
     async def _hello(self, ws: ClientConnection) -> Welcome:
         """Join, fresh or resuming, and leave client and server at the same step."""

@@ -30,11 +30,11 @@ from websockets.exceptions import ConnectionClosed
 
 from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.manifest import Bundle
-from splitlm.protocol import (FLOAT_CODECS, Bye, Error, Global, Hello, Limits, Logits, Update, Welcome,
-                              codec_for, decode, encode)
+from splitlm.protocol import (FLOAT_CODECS, Bye, Global, Hello, Limits, Logits, Update, Welcome,
+                              codec_for, encode)
 from splitlm.public import PublicSet
 
-from .client import EdgeConfig, ServerError
+from .client import EdgeConfig, read_reply
 from .data import Dataset
 from .local import LocalTrainer
 from .meter import Meter, rss_peak_mb
@@ -141,12 +141,7 @@ class FederatedClient:
         with self.meter.wait():
             frame = await ws.recv()
         self.meter.count_down(len(frame))
-        _, msg = decode(frame, limits=self.limits)
-        if isinstance(msg, Error):
-            raise ServerError(f"server error ({msg.code}): {msg.message}")
-        if not isinstance(msg, expected):
-            raise ServerError(f"expected {' or '.join(t.kind for t in expected)} from the server, got {msg.kind!r}")
-        return msg
+        return read_reply(frame, limits=self.limits, expected=expected)
 
     def hello(self) -> Hello:
         m = self.manifest
