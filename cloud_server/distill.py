@@ -18,7 +18,6 @@ Bytes a round, each way: public tokens x k x (value bytes + index bytes) plus fr
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from splitlm.public import PublicSet, default_public
 from .aggregate import aggregate_topk
 from .fedavg import FedAvgStrategy
 from .global_model import GlobalModel
-from .strategy import Conn, ServeConfig
+from .strategy import Conn, ServeConfig, Strategy
 
 
 @dataclass
@@ -95,13 +94,10 @@ class DistillStrategy(FedAvgStrategy):
                 f"{self.n_rows} tokens, top-{self.cfg.topk}, {self.cfg.steps_per_round} local and KD steps a round")
 
     def check_hello(self, hello: Hello) -> None:
-        if hello.mode != self.mode:
-            super().check_hello(hello)  # says which mode is served
+        Strategy.check_hello(self, hello)  # mode and codecs; not fedavg's: the devices' model may be another one
         if hello.public_hash != self.public_hash:
             raise BundleMismatch(f"hello.public_hash: this server distills on {self.public_path.name} "
                                  f"(sha256 {self.public_hash[:12]}...), the bundle names {str(hello.public_hash)[:12]}...")
-        if self.cfg.codec not in hello.codecs:
-            raise BadMessage(f"hello.codecs: the server sends {self.cfg.codec!r}, the client decodes {list(hello.codecs)}")
         if hello.model_hash != self.device_model_hash:  # it fixes the tokenizer, which both sides must share
             raise BundleMismatch("hello.model_hash: the bundle was exported from another model than the devices' "
                                  "model this server expects (serve --device-model FOLDER names it)")
@@ -145,10 +141,9 @@ class DistillStrategy(FedAvgStrategy):
     async def _close_round(self, reports: dict) -> None:
         finished = self.round - 1
         idx, logp = aggregate_topk([(i, v, n) for i, v, n, _ in reports.values()], k=self.cfg.topk)
-        kd_loss, loss = await asyncio.get_running_loop().run_in_executor(None, self._distill, idx, logp)
+        kd_loss, loss, snapshot = await asyncio.get_running_loop().run_in_executor(None, self._distill, idx, logp)
         reports3 = {cid: (None, n, conn) for cid, (_, _, n, conn) in reports.items()}
         metrics = self.round_metrics(finished, reports3, eval_loss=loss) | {"kd_loss": kd_loss, "public_rows": self.n_rows}
-        snapshot = self.model.snapshot()
         self.writer.write(finished, lambda folder: self.model.save(folder, snapshot), metrics)
         self.log(f"round {finished} closed: {len(reports)} clients, server KD loss {kd_loss:.4f}"
                  + (f", held-out loss {loss:.4f}" if loss is not None else ""))
@@ -167,8 +162,9 @@ class DistillStrategy(FedAvgStrategy):
         return [Logits(round=round_, chunk=i, chunks=len(starts), start=s, indices=idx[s:s + rows],
                        values=logp[s:s + rows], n_samples=1) for i, s in enumerate(starts)]
 
-    def _distill(self, idx: np.ndarray, logp: np.ndarray) -> tuple[float, float | None]:
-        """R KD steps of the global model on the public set, sequences in a fixed cycle, batch 8."""
+    def _distill(self, idx: np.ndarray, logp: np.ndarray) -> tuple[float, float | None, dict]:
+        """R KD steps of the global model on the public set, sequences in a fixed cycle, batch 8;
+        then its held-out loss and a snapshot to write (off the event loop: a copy of the model)."""
         losses = []
         n_seq = len(self.public.sequences)
         for _ in range(self.cfg.steps_per_round):
@@ -178,7 +174,7 @@ class DistillStrategy(FedAvgStrategy):
             rows = np.concatenate([np.arange(self.public.offsets[s], self.public.offsets[s + 1]) for s in seqs])
             losses.append(self.model.distill_step(batch, idx[rows], logp[rows]))
         loss = self.model.mean_loss(self.eval_batches) if self.eval_batches else None
-        return float(np.mean(losses)), loss
+        return float(np.mean(losses)), loss, self.model.snapshot()
 
     async def leave(self, conn: Conn) -> None:
         self.partial_logits.pop(conn.client_id, None)

@@ -144,9 +144,8 @@ class FedAvgStrategy(Strategy):
         mean = weighted_average([(t, n) for t, n, _ in reports.values()])
         delta = {n: self.through_codec(d) for n, d in mean.items()}   # what the devices will decode
         self.values = apply_delta(self.values, delta)
-        loss = await asyncio.get_running_loop().run_in_executor(None, self._apply_and_eval)
+        loss, snapshot = await asyncio.get_running_loop().run_in_executor(None, self._apply_and_eval)
         metrics = self.round_metrics(finished, reports, eval_loss=loss)
-        snapshot = self.model.snapshot()
         self.writer.write(finished, lambda folder: self.model.save(folder, snapshot), metrics)
         self.log(f"round {finished} closed: {len(reports)} clients, {metrics['samples']} samples"
                  + (f", held-out loss {loss:.4f}" if loss is not None else ""))
@@ -157,9 +156,11 @@ class FedAvgStrategy(Strategy):
                     await conn.send(frame)
         await self.finish_if_done()
 
-    def _apply_and_eval(self) -> float | None:
+    def _apply_and_eval(self) -> tuple[float | None, dict]:
+        """Off the event loop: the new global into the model, its held-out loss, a snapshot to write."""
         self.model.set_trainables(self.values)
-        return self.model.mean_loss(self.eval_batches) if self.eval_batches else None
+        loss = self.model.mean_loss(self.eval_batches) if self.eval_batches else None
+        return loss, self.model.snapshot()
 
     def through_codec(self, x: np.ndarray) -> np.ndarray:
         return np.array(decode_tensor(encode_tensor(np.ascontiguousarray(x, np.float32), codec=self.cfg.update_codec,

@@ -44,7 +44,7 @@ class Server:
             return
         try:
             while True:
-                timeout = getattr(self.strategy, "recv_timeout", lambda c: None)(conn)
+                timeout = self.strategy.recv_timeout(conn)
                 frame = await asyncio.wait_for(ws.recv(), timeout)
                 conn.bytes_in += len(frame)
                 for reply in await self.handle(conn, frame):
@@ -169,7 +169,7 @@ async def serve_until_stopped(server: Server) -> None:
     async with server.listen() as ws_server:
         host, port = next(iter(ws_server.sockets)).getsockname()[:2]
         server.log(f"listening on ws://{host}:{port}  ({strategy.describe()})")
-        getattr(strategy, "start", lambda: None)()
+        strategy.start()
         done = asyncio.create_task(strategy.finished.wait())
         await asyncio.wait([asyncio.create_task(stop.wait()), done], return_when=asyncio.FIRST_COMPLETED)
         if done.done():
@@ -178,5 +178,5 @@ async def serve_until_stopped(server: Server) -> None:
                 if not strategy.conns:
                     break
                 await asyncio.sleep(0.1)
-        getattr(strategy, "begin_stop", lambda: None)()
+        strategy.begin_stop()
     await strategy.stop()  # every connection handler has returned: no step is in flight

@@ -99,6 +99,16 @@ class Strategy:
     async def leave(self, conn: Conn) -> None:
         raise NotImplementedError
 
+    def recv_timeout(self, conn: Conn) -> float | None:
+        """How long the shell waits for `conn`'s next frame (None: as long as pings answer)."""
+        return None
+
+    def start(self) -> None:
+        """Once listening (e.g. a restored round's deadline starts)."""
+
+    def begin_stop(self) -> None:
+        """Before a clean shutdown drops everyone."""
+
     async def stop(self) -> None:
         """A clean shutdown: every connection handler has returned."""
 

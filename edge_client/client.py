@@ -86,6 +86,21 @@ class NeverConnected(SplitLMError):
     """The first connection failed: nothing at the address ever answered as a splitlm server."""
 
 
+async def send_metered(ws: ClientConnection, msg, *, seq: int, codecs: tuple[str, str], meter: Meter) -> None:
+    """Encode `msg` with the session's (activations, parameters) codecs, count its bytes, send it."""
+    frame = encode(msg, seq=seq, codec=codec_for(msg, activations=codecs[0], parameters=codecs[1]))
+    meter.count_up(len(frame))
+    await ws.send(frame)
+
+
+async def recv_metered(ws: ClientConnection, *, limits: Limits, expected: tuple[type, ...], meter: Meter):
+    """The next frame (its wait and bytes counted) as one of `expected`; see `read_reply`."""
+    with meter.wait():
+        frame = await ws.recv()
+    meter.count_down(len(frame))
+    return read_reply(frame, limits=limits, expected=expected)
+
+
 def read_reply(frame: bytes, *, limits: Limits, expected: tuple[type, ...]):
     """The server's message in `frame`, if it is one of `expected`; its `error`, or anything else,
     as a ServerError saying what came instead."""
@@ -180,16 +195,10 @@ class EdgeClient:
     # ------------------------------------------------------------------ wire
 
     async def _send(self, ws: ClientConnection, msg) -> None:
-        frame = encode(msg, seq=next(self._seq),
-                       codec=codec_for(msg, activations=self.codec, parameters=self.update_codec))
-        self.meter.count_up(len(frame))
-        await ws.send(frame)
+        await send_metered(ws, msg, seq=next(self._seq), codecs=(self.codec, self.update_codec), meter=self.meter)
 
     async def _recv(self, ws: ClientConnection, *expected: type):
-        with self.meter.wait():
-            frame = await ws.recv()
-        self.meter.count_down(len(frame))
-        return read_reply(frame, limits=self.limits, expected=expected)
+        return await recv_metered(ws, limits=self.limits, expected=expected, meter=self.meter)
 
     async def _hello(self, ws: ClientConnection) -> Welcome:
         """Join, fresh or resuming, and leave client and server at the same step."""

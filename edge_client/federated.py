@@ -30,11 +30,10 @@ from websockets.exceptions import ConnectionClosed
 
 from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.manifest import Bundle
-from splitlm.protocol import (FLOAT_CODECS, Bye, Global, Hello, Limits, Logits, Update, Welcome,
-                              codec_for, encode)
+from splitlm.protocol import FLOAT_CODECS, Bye, Global, Hello, Limits, Logits, Update, Welcome
 from splitlm.public import PublicSet
 
-from .client import EdgeConfig, read_reply
+from .client import EdgeConfig, recv_metered, send_metered
 from .data import Dataset
 from .local import LocalTrainer
 from .meter import Meter, rss_peak_mb
@@ -132,16 +131,10 @@ class FederatedClient:
     # ------------------------------------------------------------------ wire
 
     async def _send(self, ws: ClientConnection, msg) -> None:
-        codec = codec_for(msg, activations=self.codecs[0], parameters=self.codecs[1])
-        frame = encode(msg, seq=next(self._seq), codec=codec)
-        self.meter.count_up(len(frame))
-        await ws.send(frame)
+        await send_metered(ws, msg, seq=next(self._seq), codecs=self.codecs, meter=self.meter)
 
     async def _recv(self, ws: ClientConnection, *expected: type):
-        with self.meter.wait():
-            frame = await ws.recv()
-        self.meter.count_down(len(frame))
-        return read_reply(frame, limits=self.limits, expected=expected)
+        return await recv_metered(ws, limits=self.limits, expected=expected, meter=self.meter)
 
     def hello(self) -> Hello:
         m = self.manifest

@@ -20,7 +20,7 @@ import numpy as np
 
 from splitlm.data import Batch
 from splitlm.errors import BundleMismatch
-from splitlm.manifest import Bundle
+from splitlm.manifest import Bundle, ordered_tensors
 from .optim import AdamW
 from .runtime import WeightPool, open_session
 
@@ -56,15 +56,7 @@ class LocalTrainer:
 
     def check(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`params` in manifest order, or BundleMismatch naming what differs."""
-        spec = self.manifest.trainables
-        if set(params) != set(spec):
-            missing, unexpected = sorted(set(spec) - set(params)), sorted(set(params) - set(spec))
-            raise BundleMismatch(f"trainables do not match the bundle: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-        for name, shape in spec.items():
-            if tuple(params[name].shape) != tuple(shape):
-                raise BundleMismatch(f"trainable {name}: expected shape {tuple(shape)}, got {params[name].shape}")
-        return {name: params[name] for name in spec}
+        return ordered_tensors(params, self.manifest.trainables, what="trainable")
 
     # ------------------------------------------------------------------ steps
 

@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from splitlm.errors import BundleMismatch
-from splitlm.manifest import Bundle
+from splitlm.manifest import Bundle, ordered_tensors
 
 from .tail import chunked_tail
 
@@ -125,15 +125,8 @@ class HeadRuntime:
         return np.ascontiguousarray(x, np.float32)
 
     def _lora_inputs(self, loras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        spec = self.manifest.lora.tensors
-        if set(loras) != set(spec):
-            missing, unexpected = sorted(set(spec) - set(loras)), sorted(set(loras) - set(spec))
-            raise BundleMismatch(f"LoRA tensors do not match the bundle: missing {missing}, "
-                                 f"unexpected {unexpected}")
-        for name, shape in spec.items():
-            if tuple(loras[name].shape) != tuple(shape):
-                raise BundleMismatch(f"LoRA tensor {name}: expected shape {tuple(shape)}, got {loras[name].shape}")
-        return {name: np.ascontiguousarray(loras[name], np.float32) for name in spec}
+        ordered = ordered_tensors(loras, self.manifest.lora.tensors, what="LoRA tensor")
+        return {name: np.ascontiguousarray(t, np.float32) for name, t in ordered.items()}
 
 
 def open_session(bundle: Bundle, name: str, *, pool: "WeightPool | None", threads: int = 0,

@@ -176,3 +176,15 @@ class Bundle:
             got = sha256_file(path) if path.is_file() else "no file"
             raise BundleMismatch(f"public set {path}: expected sha256 {public['sha256']}, got {got}")
         return path.read_text(encoding="utf-8")
+
+
+def ordered_tensors(tensors: dict[str, np.ndarray], spec: dict[str, tuple[int, ...]], *, what: str) -> dict:
+    """`tensors` in the order of `spec` (graph input order), or BundleMismatch naming the missing or
+    unexpected names, or the first tensor whose shape differs; `what` names them ("LoRA tensor")."""
+    if set(tensors) != set(spec):
+        missing, unexpected = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
+        raise BundleMismatch(f"{what}s do not match the bundle: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in spec.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise BundleMismatch(f"{what} {name}: expected shape {tuple(shape)}, got {tensors[name].shape}")
+    return {name: tensors[name] for name in spec}
