@@ -134,6 +134,7 @@ class DistillStrategy(FedAvgStrategy):
         if not partial.rows.all():
             raise BadMessage(f"logits: all {partial.chunks} chunks arrived but {int((~partial.rows).sum())} of "
                              f"{self.n_rows} public rows are missing")
+        self.board.reported(conn)
         await self.rounds.report(conn.client_id, (partial.indices, partial.values, partial.n_samples, conn),
                                  set(self.conns))
         return []
@@ -144,6 +145,7 @@ class DistillStrategy(FedAvgStrategy):
         kd_loss, loss, snapshot = await asyncio.get_running_loop().run_in_executor(None, self._distill, idx, logp)
         reports3 = {cid: (None, n, conn) for cid, (_, _, n, conn) in reports.items()}
         metrics = self.round_metrics(finished, reports3, eval_loss=loss) | {"kd_loss": kd_loss, "public_rows": self.n_rows}
+        self.board.round_closed(metrics)
         self.writer.write(finished, lambda folder: self.model.save(folder, snapshot), metrics)
         self.log(f"round {finished} closed: {len(reports)} clients, server KD loss {kd_loss:.4f}"
                  + (f", held-out loss {loss:.4f}" if loss is not None else ""))

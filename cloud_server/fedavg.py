@@ -136,6 +136,7 @@ class FedAvgStrategy(Strategy):
         if missing:
             raise BadMessage(f"update: all {partial.chunks} chunks arrived without {len(missing)} tensors, "
                              f"e.g. {sorted(missing)[0]!r}")
+        self.board.reported(conn)
         await self.rounds.report(conn.client_id, (partial.tensors, partial.n_samples, conn), set(self.conns))
         return []
 
@@ -146,6 +147,7 @@ class FedAvgStrategy(Strategy):
         self.values = apply_delta(self.values, delta)
         loss, snapshot = await asyncio.get_running_loop().run_in_executor(None, self._apply_and_eval)
         metrics = self.round_metrics(finished, reports, eval_loss=loss)
+        self.board.round_closed(metrics)
         self.writer.write(finished, lambda folder: self.model.save(folder, snapshot), metrics)
         self.log(f"round {finished} closed: {len(reports)} clients, {metrics['samples']} samples"
                  + (f", held-out loss {loss:.4f}" if loss is not None else ""))

@@ -10,8 +10,10 @@ only. What training means lives in the strategy (`strategy`, `split`, `fedavg`, 
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 import uuid
+from functools import partial
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -19,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.protocol import Bye, Error, Hello, codec_for, decode, encode, error_code
 
+from . import status
 from .strategy import Conn, Strategy
 
 HANDSHAKE_TIMEOUT_S = 30.0
@@ -33,8 +36,9 @@ class Server:
 
     def listen(self):
         """An async context manager: `async with server.listen() as ws_server: ...`."""
+        page = partial(status.respond, board=self.strategy.board, strategy=self.strategy) if self.cfg.status else None
         return serve(self.connection, self.cfg.host, self.cfg.port, max_size=self.strategy.limits.max_frame_bytes,
-                     compression=None, ping_interval=20, ping_timeout=60)
+                     compression=None, ping_interval=20, ping_timeout=60, process_request=page)
 
     # ------------------------------------------------------------------ connection loop
 
@@ -47,6 +51,9 @@ class Server:
                 timeout = self.strategy.recv_timeout(conn)
                 frame = await asyncio.wait_for(ws.recv(), timeout)
                 conn.bytes_in += len(frame)
+                if conn.last_sent is not None:  # the device's turn ends with this frame
+                    conn.device_s += time.monotonic() - conn.last_sent
+                    conn.last_sent = None
                 for reply in await self.handle(conn, frame):
                     await conn.send(reply)
         except (ConnectionClosed, asyncio.TimeoutError) as e:
@@ -56,6 +63,7 @@ class Server:
         finally:
             await ws.close()
             await self.strategy.leave(conn)
+            self.strategy.board.left(conn)
             self._sockets.pop(conn.client_id, None)
             self._gone.pop(conn.client_id, asyncio.Event()).set()
 
@@ -89,6 +97,7 @@ class Server:
             conn.bytes_out += len(frame)
             try:
                 await ws.send(frame)
+                conn.last_sent = time.monotonic()
             except ConnectionClosed:
                 pass  # its handler sees the close and the strategy hears of it there
         return send
@@ -97,7 +106,8 @@ class Server:
 
     async def _handshake(self, ws: ServerConnection) -> Conn | None:
         try:
-            _, hello = decode(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT_S), limits=self.strategy.limits)
+            first = await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT_S)
+            _, hello = decode(first, limits=self.strategy.limits)
             if not isinstance(hello, Hello):
                 raise BadMessage(f"first frame: expected 'hello', got {hello.kind!r}")
             self.strategy.check_hello(hello)
@@ -116,7 +126,7 @@ class Server:
             return None
         ref: list = []
         conn = Conn(session_id=uuid.uuid4().hex[:12], client_id=hello.client_id, n_samples=hello.n_samples,
-                    send=self._sender(ws, ref), close=ws.close)
+                    send=self._sender(ws, ref), close=ws.close, bytes_in=len(first))  # the hello counts too
         ref.append(conn)
         try:
             replies = await self.strategy.join(conn, hello)
@@ -125,6 +135,7 @@ class Server:
             return None
         self._sockets[conn.client_id] = ws
         self._gone[conn.client_id] = asyncio.Event()
+        self.strategy.board.joined(conn)
         for reply in replies:
             await conn.send(reply)
         return conn
@@ -169,6 +180,8 @@ async def serve_until_stopped(server: Server) -> None:
     async with server.listen() as ws_server:
         host, port = next(iter(ws_server.sockets)).getsockname()[:2]
         server.log(f"listening on ws://{host}:{port}  ({strategy.describe()})")
+        if server.cfg.status:
+            server.log(f"status page: http://{host}:{port}/status  (read-only; /status.json for tools)")
         strategy.start()
         done = asyncio.create_task(strategy.finished.wait())
         await asyncio.wait([asyncio.create_task(stop.wait()), done], return_when=asyncio.FIRST_COMPLETED)
@@ -180,3 +193,4 @@ async def serve_until_stopped(server: Server) -> None:
                 await asyncio.sleep(0.1)
         strategy.begin_stop()
     await strategy.stop()  # every connection handler has returned: no step is in flight
+    strategy.board.close()

@@ -155,6 +155,7 @@ class SplitStrategy(Strategy):
         progress.losses.append(loss)
         progress.last_backward = Backward(step=step, grad=grad, loss=loss)  # re-sent if it gets lost
         self.global_step += 1
+        self.board.step(conn, step, loss)
         self.log(f"step {self.global_step:5d}  client {conn.client_id}  step {step:4d}  loss {loss:.4f}")
         return progress.last_backward
 
@@ -178,6 +179,7 @@ class SplitStrategy(Strategy):
         self.global_head = weighted_average(list(reports.values()))
         finished = self.round - 1
         metrics = self._round_metrics(finished, reports)
+        self.board.round_closed(metrics)
         async with self._body_lock:  # no step in flight: body and counters in the state agree
             snapshot, body_state = await self._run(self._snapshot)
         state = self._state(body_state)

@@ -27,6 +27,8 @@ from pathlib import Path
 from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.protocol import Hello, Limits
 
+from .status import Board
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -47,6 +49,7 @@ class ServeConfig:
     step_timeout_s: float = 120.0    # how long a U-shape step may wait for the client's tail_grad
     out: Path | None = None
     save_state: bool = False         # split: write OUT/server-state.safetensors at round ends and on shutdown
+    status: bool = True              # answer GET /status and /status.json on the same port
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Conn:
     said_bye: bool = False
     bytes_in: int = 0     # frame bytes received from this connection, headers included
     bytes_out: int = 0    # frame bytes sent to it
+    device_s: float = 0.0  # seconds from each frame the server sent it to its next frame (device compute + network)
+    last_sent: float | None = None  # monotonic time of the server's last frame to it, until the device answers
 
 
 def refuse_mismatch(want: dict, got: dict) -> None:
@@ -79,6 +84,7 @@ class Strategy:
         self.cfg, self.log = cfg, log
         self.finished = asyncio.Event()   # set once `cfg.rounds` rounds have closed
         self.conns: dict[str, Conn] = {}  # by client_id: the open connections
+        self.board = Board(mode=self.mode, out=cfg.out)  # what the status page shows
 
     limits: Limits
 

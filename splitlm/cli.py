@@ -84,7 +84,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                       rounds=args.rounds, codec=args.wire, update_codec=args.update_wire, topk=args.topk,
                       max_clients=args.max_clients, min_clients=args.min_clients, max_batch=args.max_batch,
                       max_seq_len=args.max_seq_len,
-                      round_deadline_s=args.round_deadline, out=out, save_state=out is not None)
+                      round_deadline_s=args.round_deadline, out=out, save_state=out is not None,
+                      status=not args.no_status)
     strategy = _strategy(args, cfg, log)
     if args.resume:
         strategy.restore(load_state(strategy.state_path, config=strategy.state_config()))
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for per-round adapters and metrics, and the server state "
                                  "(server-state.safetensors, written at every round end and on SIGINT/SIGTERM)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/server-state.safetensors")
+    p.add_argument("--no-status", action="store_true",
+                   help="do not answer the read-only status page (http://HOST:PORT/status and /status.json)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default). Use 1 when clients share this host's cores: "
                         "torch's thread pool slows ~100x when its cores are contended")
