@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ class ExportOptions:
     topk: int = 32                  # distill: k of topk.onnx
     public: Path | None = None      # distill: the public set (.txt); None: splitlm/data/public.txt
     public_seq_len: int = 128       # distill: the public set is packed into sequences this long
+    privacy: dict = field(default_factory=dict)  # split: the devices' defense floor (edge_client.privacy keys)
 
 
 def resolve_model_path(model: str) -> Path:
@@ -196,7 +197,8 @@ def _manifest(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: Exp
     files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
     return Manifest(model=info, cut=opts.cut, quant=opts.quant, labels=opts.labels,
                     max_length=opts.max_length, opset=graph_opset(staging / "head.onnx"), lora=lora, files=files,
-                    pad_token_id=pad_eos[0], eos_token_id=pad_eos[1], splitlm_version=__version__)
+                    pad_token_id=pad_eos[0], eos_token_id=pad_eos[1], splitlm_version=__version__,
+                    privacy=dict(opts.privacy))
 
 
 def _replace(staging: Path, out: Path) -> None:

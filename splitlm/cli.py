@@ -44,11 +44,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from splitlm.export.bundle import ExportOptions, export_bundle, load_model
     from splitlm.export.fidelity import fidelity_report
 
+    floor = {k: v for k, v in _privacy_settings(args).as_dict().items() if v}  # noise without a clip: refused here
+    if floor and args.mode != "split":
+        raise SplitLMError(f"--{next(iter(floor)).replace('_', '-')}: a privacy floor is for split bundles, whose "
+                           f"devices send activations; a {args.mode} device sends parameters or logits")
+    if args.labels == "server" and {"grad_clip", "grad_noise"} & floor.keys():
+        raise SplitLMError("--grad-clip/--grad-noise: tail_grad exists only with --labels device (U-shape)")
     opts = ExportOptions(cut=args.cut or 0, quant=args.quant, labels=args.labels, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
                          lora_seed=args.lora_seed, max_length=args.max_length, mode=args.mode, train=args.train,
                          topk=args.topk, public=Path(args.public) if args.public else None,
-                         public_seq_len=args.public_seq_len)
+                         public_seq_len=args.public_seq_len, privacy=floor)
     eval_text = _read_text(args.eval_text) if args.eval_text else None
     manifest = export_bundle(args.model, args.out, opts, log=lambda line: print(line, flush=True))
     if args.mode != "split":  # the fidelity report compares a head; a whole-model bundle has none
@@ -229,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where labels live: device keeps tokens and labels on the device (adds tail.onnx)")
     p.add_argument("--max-length", type=int, default=2048, help="longest sequence the graphs accept")
     p.add_argument("--eval-text", help="a text file: report perplexity of the model vs this bundle's head")
+    p.add_argument("--clip", type=float, help="privacy floor in the manifest: every device clips each token's h_K "
+                                              "to this L2 norm at least (a device may go stronger, never weaker)")
+    p.add_argument("--noise", type=float, default=0.0, help="privacy floor: Gaussian noise on h_K, expected norm "
+                                                            "NOISE x CLIP per token (needs --clip)")
+    p.add_argument("--grad-clip", type=float, help="privacy floor, --labels device: clip each token's tail_grad")
+    p.add_argument("--grad-noise", type=float, default=0.0, help="privacy floor: noise on tail_grad, as --noise")
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("serve", help="host the body (split) or the global model (fedavg, distill) for edge clients")

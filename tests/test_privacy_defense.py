@@ -8,9 +8,7 @@ tail gradients, recomputed here with the same onnxruntime head and tail.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import subprocess
 
 import msgpack
@@ -25,7 +23,7 @@ from splitlm.edge_client.runtime import HeadRuntime
 from splitlm.manifest import Bundle
 from splitlm.protocol import Forward, Hidden, Limits, TailGrad, Welcome, decode
 
-from .conftest import ServerProcess, edge_cmd
+from .conftest import ServerProcess, edge_cmd, run_cli
 from .test_privacy import RecordingRelay
 
 CLIP, SIGMA = 0.1, 0.5          # h_K: the tiny model's median token norm is ~0.19, so clipping shows too
@@ -80,13 +78,25 @@ def test_cli_refuses_noise_without_clip(tmp_path):
                                                       "the clip norm")
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--cut", "2", "--noise", "1"], "noise sigma 1.0 needs a clip: the noise is calibrated to the clip norm"),
+    (["--mode", "fedavg", "--clip", "5"], "--clip: a privacy floor is for split bundles, whose devices send activations"),
+    (["--cut", "2", "--grad-clip", "1"], "--grad-clip/--grad-noise: tail_grad exists only with --labels device"),
+])
+def test_export_refuses_a_floor_it_cannot_mean_before_any_work(tiny_llama, tmp_path, args, needle):
+    r = run_cli("export", str(tiny_llama), "--out", str(tmp_path / "b"), *args)
+    assert r.returncode == 2 and needle in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "b").exists()
+
+
 # --- on the device, before bytes leave ---------------------------------------------------------
 
-def _with_manifest_privacy(bundle: Bundle, dest, privacy: dict) -> Bundle:
-    """A copy of `bundle` whose manifest carries `privacy` (the manifest is the server's to write)."""
-    shutil.copytree(bundle.path, dest)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    (dest / "manifest.json").write_text(json.dumps({**manifest, "privacy": privacy}))
+def _with_manifest_privacy(model, dest, privacy: dict) -> Bundle:
+    """The tiny U-shape bundle, exported with `privacy` as its manifest's floor (the server writes the bundle)."""
+    from splitlm.export.bundle import ExportOptions, export_bundle
+
+    export_bundle(str(model), dest, ExportOptions(cut=2, quant="fp32", labels="device", lora_rank=4, max_length=128,
+                                                  privacy=privacy), log=lambda *_: None)
     return Bundle.open(dest)
 
 
@@ -100,9 +110,10 @@ def runs(tiny_llama, tiny_bundle, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("defense")
     write_ledger_data(tmp, clients=1, per_client=8, held_out=1)
     base = tiny_bundle("device")
-    weak = _with_manifest_privacy(base, tmp / "weak", {"clip": CLIP, "noise": 0.0})
-    strong = _with_manifest_privacy(base, tmp / "strong", {"clip": CLIP, "noise": 3 * SIGMA, "grad_clip": GRAD_CLIP,
-                                                           "grad_noise": 3 * GRAD_SIGMA})
+    weak = _with_manifest_privacy(tiny_llama, tmp / "weak", {"clip": CLIP, "noise": 0.0})
+    strong = _with_manifest_privacy(tiny_llama, tmp / "strong", {"clip": CLIP, "noise": 3 * SIGMA,
+                                                                 "grad_clip": GRAD_CLIP, "grad_noise": 3 * GRAD_SIGMA})
+    assert strong.manifest.privacy["noise"] == 3 * SIGMA  # the export wrote the floor into the manifest
     server = ServerProcess(str(tiny_llama), "--cut", "2", "--labels", "device", "--lora-rank", "4", "--wire", "f32",
                            "--steps-per-round", "100")
     out = {}
