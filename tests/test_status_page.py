@@ -22,7 +22,8 @@ from splitlm.protocol import Bye, encode
 from .conftest import ServerProcess, edge_cmd
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-STEPS, PER_ROUND = 60, 10
+STEPS, PER_ROUND = 20, 10
+HOLD_S = 15  # the first round waits this long for a third device that never comes: the page sees a run mid-way
 IDS = ("dev-a", "<i>dev-b</i>")  # the second id is markup: the page must show it as text
 
 
@@ -88,33 +89,35 @@ def test_status_page_in_chromium_during_a_two_device_run(tiny_llama, tiny_bundle
     data = write_ledger_data(tmp_path / "data", clients=2, per_client=40, held_out=4)
     out = tmp_path / "out"
     server = ServerProcess(str(tiny_llama), "--cut", str(m.cut), "--labels", m.labels, "--lora-rank",
-                           str(m.lora.rank), "--wire", "f32", "--steps-per-round", str(PER_ROUND), "--out", str(out))
+                           str(m.lora.rank), "--wire", "f32", "--steps-per-round", str(PER_ROUND), "--out", str(out),
+                           "--min-clients", "3", "--round-deadline", str(HOLD_S))
     page = server.url.replace("ws://", "http://") + "/status"
-    for _ in range(50):  # the line after "listening on", read by the log thread
-        if f"status page: {page}" in server.log():
-            break
-        time.sleep(0.1)
-    assert f"status page: {page}" in server.log()
-    edges = [subprocess.Popen(edge_cmd(server.url, bundle.path, data[i], "--steps", str(STEPS), "--batch-size", "2",
-                                       "--seq-len", "32", "--threads", "1", "--client-id", cid,
-                                       "--metrics-out", str(tmp_path / f"edge-{i}.jsonl")),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i, cid in enumerate(IDS)]
+    edges = []
     try:
-        # --- during the run: what Chromium shows is what the server had written at that moment
+        for _ in range(50):  # the line after "listening on", read by the log thread
+            if f"status page: {page}" in server.log():
+                break
+            time.sleep(0.1)
+        assert f"status page: {page}" in server.log()
+        edges = [subprocess.Popen(edge_cmd(server.url, bundle.path, data[i], "--steps", str(STEPS), "--batch-size",
+                                           "2", "--seq-len", "32", "--threads", "1", "--client-id", cid,
+                                           "--metrics-out", str(tmp_path / f"edge-{i}.jsonl")),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i, cid in enumerate(IDS)]
+        # --- during the run (both devices at the end of round 0, waiting for its average): what Chromium shows is
+        # what the server had written at that moment
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if (out / "steps.jsonl").exists() and len((out / "steps.jsonl").read_text().splitlines()) >= 6:
+            if (out / "steps.jsonl").exists() and len((out / "steps.jsonl").read_text().splitlines()) >= 2 * PER_ROUND:
                 break
             time.sleep(0.2)
         live = Rows(chromium(page, screenshot=tmp_path / "status-live.png"))
         written = steps_by_client(out)
-        assert "connected" in [row["state"] for row in live.devices.values()], live.devices  # mid-run indeed
+        assert [row["state"] for row in live.devices.values()] == ["connected", "connected"], live.devices
+        assert not (out / "round-0000").exists() and not live.rounds
         for cid, row in live.devices.items():
-            shown_step = int(row["last-step"])
-            line = next(r for r in written[cid] if r["step"] == shown_step)
-            assert row["loss"] == f"{line['loss']:.4f}"
-            assert int(row["steps"]) == shown_step + 1
+            assert (int(row["steps"]), int(row["last-step"])) == (PER_ROUND, PER_ROUND - 1)
+            assert row["loss"] == f"{written[cid][-1]['loss']:.4f}"
         assert (tmp_path / "status-live.png").stat().st_size > 10_000  # a rendered page, not a blank one
 
         for e in edges:
