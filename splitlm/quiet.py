@@ -21,7 +21,10 @@ DEPENDENCY_WARNINGS = (
 
 # torch.onnx's exporter logs "torchvision is not installed. Skipping torchvision::nms" (and three
 # more) each time it builds its registry; splitlm never needs torchvision's ops.
-DEPENDENCY_LOGGERS = ("torch.onnx._internal.exporter._registration",)
+# bitsandbytes (imported by peft whenever it is installed) logs on CPUs with AVX512-BF16 that it
+# could not fetch an optional kernel from the hub ("Failed to load CPU gemm_4bit_forward from
+# kernels-community"); its own CPU kernels run instead.
+DEPENDENCY_LOGGERS = ("torch.onnx._internal.exporter._registration", "bitsandbytes.backends.cpu.ops")
 
 
 def quiet_dependencies() -> None:
