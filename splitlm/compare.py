@@ -395,6 +395,7 @@ def run_compare(cfg: CompareConfig, *, log=print) -> dict:
     log(f"comparing {len(specs)} configurations on {model.name}: {', '.join(s.id for s in specs)}; "
         f"{cfg.clients} clients x {cfg.rounds} rounds x {cfg.local_steps} local steps, partition {cfg.partition} "
         f"(written to {cfg.out / 'partition.json'})")
+    partition = json.loads((cfg.out / "partition.json").read_text())
     judge = Judge(model, eval_path, seq_len=cfg.seq_len, max_examples=cfg.eval_examples)
     base = judge.base(cfg.out / "base.json", settings)
     model_hash = None
@@ -423,8 +424,9 @@ def run_compare(cfg: CompareConfig, *, log=print) -> dict:
         except SplitLMError as e:
             log(f"{label} FAILED: {e}")
             outcomes.append(Outcome(spec, error=str(e).splitlines()[0]))
-    report = write_report(cfg, base=base, outcomes=outcomes, partition=json.loads((cfg.out / "partition.json").read_text()),
-                          log=log)
+        if n < len(specs):  # the report so far, so a long grid shows its finished rows while it runs
+            write_report(cfg, base=base, outcomes=outcomes, partition=partition, log=lambda line: None)
+    report = write_report(cfg, base=base, outcomes=outcomes, partition=partition, log=log)
     failed = [o for o in outcomes if o.error]
     if failed:
         raise SplitLMError(f"{len(failed)} of {len(outcomes)} configurations failed: "
