@@ -6,7 +6,8 @@ Sources, all written by the run's own processes (nothing is estimated):
     exact match                  judged by `splitlm eval`'s own code (`cloud_server.evaluate.judge`)
     bytes up / down              each edge's metrics file: the frame bytes its meter counted
                                  (msgpack headers included). Split: the steps of a round (the
-                                 adapter exchange counts in the round's last step); fedavg and
+                                 adapter exchange counts in the round's last step; a split
+                                 device's closing `bye`, ~40 bytes, is in no record); fedavg and
                                  distill: the records between two `phase: "round"` lines; the
                                  closing `bye` counts in the last round
     device CPU-s, compute time,  the same records: process CPU time, onnxruntime + optimizer time,
@@ -297,8 +298,8 @@ def plot(results: list[dict], *, base: dict, path: Path, clients: int) -> None:
     ax[1, 0].bar([i - 0.2 for i in x], cpu, 0.4, label="CPU s / round / client")
     twin = ax[1, 0].twinx()
     twin.bar([i + 0.2 for i in x], gflop, 0.4, color="tab:orange", label="GFLOP / round / client")
-    ax[1, 0].set(ylabel="device CPU s per round", title="device compute per round")
-    twin.set_ylabel("device GFLOP per round (from the graphs)")
+    ax[1, 0].set(ylabel="device CPU s per round", title="device compute per round (log scales)", yscale="log")
+    twin.set(ylabel="device GFLOP per round (from the graphs)", yscale="log")
     ax[1, 1].bar(x, [max(y["rss_peak_mb"] for y in r["rounds"]) for r in results], color="tab:green")
     ax[1, 1].set(ylabel="MB", title="device peak RSS (largest client)")
     for a in (ax[1, 0], ax[1, 1]):
