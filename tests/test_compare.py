@@ -116,3 +116,33 @@ def test_a_rerun_skips_finished_configurations(compared):
     assert r.stdout.count("not run again") == 2 and "starting" not in r.stdout
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")} == before
     assert time.monotonic() - t0 < 60
+
+
+def test_rounds_of_a_device_are_grouped_as_its_mode_reports_them():
+    from splitlm.compare_report import client_rounds
+
+    step = {"bytes_up": 10, "bytes_down": 20, "cpu_s": 1.0, "compute_s": 0.5, "wall_s": 2.0, "rss_peak_mb": 50.0,
+            "loss": 3.0}
+    split = client_rounds([step] * 4, split=True, steps=2, rounds=2)
+    assert [r["bytes_up"] for r in split] == [20, 20] and [r["steps"] for r in split] == [2, 2]
+    fed_rows = [step | {"phase": "local"}, step | {"phase": "exchange", "loss": None}, {"phase": "round"},
+                step | {"phase": "local"}, {"phase": "round"}, step | {"phase": "bye", "loss": None}]
+    fed = client_rounds(fed_rows, split=False, steps=1, rounds=2)
+    assert [r["bytes_down"] for r in fed] == [40, 40]  # the bye counts in the last round
+    assert [r["steps"] for r in fed] == [1, 1] and fed[0]["train_loss"] == 3.0
+
+
+def test_bytes_to_target_is_the_cumulative_bytes_when_the_loss_first_reaches_it():
+    from splitlm.compare_report import default_target, summarize
+
+    def run(losses, bytes_per_round):
+        return {"id": "x", "family": "x", "wall_s": 1.0, "device_graph_bytes": 0,
+                "rounds": [{"eval": {"loss": l, "perplexity": 1.0}, "bytes_up": b, "bytes_down": b, "cpu_s": 1.0,
+                            "compute_s": 1.0, "flops": 1e9, "rss_peak_mb": 1.0} for l, b in zip(losses, bytes_per_round)]}
+    a, b, worse = run([3.0, 2.0, 1.0], [5, 5, 5]), run([2.5, 2.4, 2.2], [1, 1, 1]), run([4.5, 4.6, 4.7], [1, 1, 1])
+    target = default_target(4.0, [a, b, worse])
+    assert target == 2.2  # the worst final loss among those that beat the base (4.0)
+    assert summarize(a, clients=2, target=target)["bytes_to_target"] == 20  # round 1: 2 x (5 + 5)
+    assert summarize(b, clients=2, target=target)["bytes_to_target"] == 6
+    assert summarize(worse, clients=2, target=target)["bytes_to_target"] is None
+    assert summarize(a, clients=2, target=target)["bytes_up_per_round_per_client"] == 2.5
