@@ -83,6 +83,9 @@ class Judge:
     """`splitlm eval` on the held-out data, for the base model and each round's output."""
 
     def __init__(self, model: Path, data: Path, *, seq_len: int, max_examples: int, batch_size: int = 8):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # a "Loading weights" bar per round would bury the progress lines
         self.model, self.data = model, data
         self.kw = dict(seq_len=seq_len, batch_size=batch_size)
         self.max_examples = max_examples
