@@ -79,7 +79,39 @@ def _demo(args) -> None:
     _at_least(args, steps=1, clients=1)
 
 
-_CHECKS = {"export": _export, "serve": _serve, "edge": _edge, "eval": _eval, "demo": _demo}
+def _compare(args) -> None:
+    from splitlm.partition import parse_scheme
+
+    _model(args.model)
+    for option in ("data", "eval"):
+        if getattr(args, option):
+            _file(f"--{option}", getattr(args, option))
+    if args.eval and not args.data:
+        raise SplitLMError("--eval needs --data: the default ledger data brings its own held-out set")
+    _at_least(args, clients=1, rounds=1, local_steps=1, batch_size=1, seq_len=3, max_length=3, topk=1,
+              eval_examples=1)
+    _positive(lr=args.lr)
+    parse_scheme(args.partition)
+    _int_list("--cuts", args.cuts, low=1)
+    _int_list("--ranks", args.ranks, low=1)
+    from splitlm.compare import MODES as COMPARE_MODES
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    wrong = [m for m in modes if m not in COMPARE_MODES]
+    if not modes or wrong:
+        raise SplitLMError(f"--modes: expected a comma-separated list from {', '.join(COMPARE_MODES)}, got {args.modes!r}")
+
+
+def _int_list(option: str, text: str, *, low: int) -> None:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < low:
+        raise SplitLMError(f"{option}: expected comma-separated integers >= {low}, got {text!r}")
+
+
+_CHECKS = {"export": _export, "serve": _serve, "edge": _edge, "eval": _eval, "demo": _demo, "compare": _compare}
 
 
 def _model(model: str) -> None:

@@ -12,6 +12,7 @@ from splitlm import __version__
 from splitlm.checks import check_args
 from splitlm.errors import SplitLMError
 from splitlm.guide import EPILOGS, export_next_steps
+from splitlm.compare import MODES as COMPARE_MODES
 from splitlm.manifest import LABEL_PLACEMENTS, QUANT_PRESETS
 from splitlm.quiet import quiet_dependencies
 
@@ -199,6 +200,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                         steps=args.steps, clients=args.clients, model=args.model))
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from splitlm.compare import config_from_args, run_compare
+
+    run_compare(config_from_args(args), log=lambda line: print(line, flush=True))
+
+
 def _read_text(path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -358,8 +365,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where data, logs and results go (default ./splitlm-demo)")
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a Hugging Face folder")
     p.set_defaults(run=_cmd_demo)
+    _compare_parser(sub)
     _guide(sub)
     return parser
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="split learning, FedAvg and distillation on the same data, side by side")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a Hugging Face folder")
+    p.add_argument("--data", help=".jsonl or .txt to partition over the clients (default: the demo's ledger task)")
+    p.add_argument("--eval", help="held-out data (default: held out from --data)")
+    p.add_argument("--clients", type=int, default=2, help="edge processes per configuration")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per configuration")
+    p.add_argument("--local-steps", type=int, default=5, help="device steps per round (split: between averages)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per device step")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (training and held-out)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate everywhere")
+    p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (non-IID over --partition-field)")
+    p.add_argument("--partition-field", default="label",
+                   help="the JSONL field Dirichlet splits over; length buckets when a record lacks it")
+    p.add_argument("--modes", default=",".join(COMPARE_MODES), help="comma-separated, from " + ", ".join(COMPARE_MODES))
+    p.add_argument("--cuts", default="2", help="split: comma-separated cuts K")
+    p.add_argument("--ranks", default="8", help="LoRA modes: comma-separated ranks")
+    p.add_argument("--quant", default="q8", choices=QUANT_PRESETS, help="weight preset of every device bundle")
+    p.add_argument("--max-length", type=int, default=512, help="longest sequence the bundles accept")
+    p.add_argument("--topk", type=int, default=16, help="distill: k of the top-k logits")
+    p.add_argument("--wire", default="f16", choices=("f32", "f16", "q8"), help="codec of activations and logits")
+    p.add_argument("--update-wire", default="f32", choices=("f32", "f16", "q8"),
+                   help="codec of adapters, updates and globals")
+    p.add_argument("--eval-examples", type=int, default=64, help="held-out examples judged per round")
+    p.add_argument("--target-loss", type=float,
+                   help="for 'bytes to target' (default: the worst final loss among configurations that improved)")
+    p.add_argument("--seed", type=int, default=0, help="partition, data order (client i: seed + i), held-out split")
+    p.add_argument("--bundles", help="bundle cache folder (default: $SPLITLM_CACHE/compare-bundles)")
+    p.add_argument("--out", default="splitlm-compare", help="results folder; a rerun skips finished configurations")
+    p.set_defaults(run=_cmd_compare)
 
 
 def _guide(sub) -> None:

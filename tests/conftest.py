@@ -95,6 +95,25 @@ def tiny_bundle(tiny_llama, tiny_gpt2, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_whole_bundle(tiny_llama, tmp_path_factory):
+    """`tiny_whole_bundle(mode, train)`: a whole-model (fedavg / distill) fp32 bundle of tiny_llama,
+    LoRA rank 4, top-k 8, exported once a session through the CLI (the slow export, shared)."""
+    from splitlm.manifest import Bundle
+
+    made: dict[tuple[str, str], Bundle] = {}
+
+    def get(mode: str, train: str = "lora") -> Bundle:
+        if (mode, train) not in made:
+            out = tmp_path_factory.mktemp("whole") / f"{mode}-{train}"
+            r = run_cli("export", str(tiny_llama), "--mode", mode, "--train", train, "--quant", "fp32", "--out",
+                        str(out), "--lora-rank", "4", "--max-length", "128", "--topk", "8")
+            assert r.returncode == 0, r.stderr
+            made[mode, train] = Bundle.open(out)
+        return made[mode, train]
+    return get
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real default model folder (materialized from the GGUF on first use)."""
     from splitlm.export.default_model import default_model_dir

@@ -15,24 +15,19 @@ from splitlm.demo import write_ledger_data
 from splitlm.edge_client.data import Dataset
 from splitlm.manifest import Bundle
 
-from .conftest import ServerProcess, edge_cmd, run_cli
+from .conftest import ServerProcess, edge_cmd
 from .test_torch_free import BLOCKER
 
 ROUNDS, LOCAL, LR, BATCH, SEQ, RANK = 3, 2, 1e-2, 2, 32, 4
 
 
 @pytest.fixture(scope="module")
-def fed(tiny_llama, tmp_path_factory):
-    """Data for two devices and the fp32 bundles of each mode, exported through the CLI."""
+def fed(tiny_whole_bundle, tmp_path_factory):
+    """Data for two devices and the fp32 bundles of each mode (rank RANK, top-k 8), exported
+    through the CLI once a session (conftest)."""
     root = tmp_path_factory.mktemp("fed")
     write_ledger_data(root, clients=2, per_client=12, held_out=4)
-    bundles = {}
-    for mode, train in (("fedavg", "lora"), ("fedavg", "full"), ("distill", "lora")):
-        out = root / f"{mode}-{train}"
-        r = run_cli("export", str(tiny_llama), "--mode", mode, "--train", train, "--quant", "fp32", "--out", str(out),
-                    "--lora-rank", str(RANK), "--max-length", "128", "--topk", "8")
-        assert r.returncode == 0, r.stderr
-        bundles[mode, train] = Bundle.open(out)
+    bundles = {key: tiny_whole_bundle(*key) for key in (("fedavg", "lora"), ("fedavg", "full"), ("distill", "lora"))}
     return root, bundles
 
 

@@ -185,6 +185,8 @@ def test_bare_splitlm_prints_its_usage(clone):
     ("edge ws://127.0.0.1:1 --bundle nope --data x.jsonl", "--bundle: expected a bundle folder"),
     ("edge 127.0.0.1:8765 --bundle b --data x.jsonl", "url: expected ws://HOST:PORT"),
     ("demo --steps 0", "--steps: expected an integer >= 1, got 0"),
+    ("compare --partition zipf:1", "--partition: expected iid or dirichlet:ALPHA"),
+    ("compare --modes split,fedavg", "--modes: expected a comma-separated list from"),
 ])
 def test_bad_arguments_stop_before_any_model_is_built(clone, tmp_path, args, needle):
     """With an empty cache, `default` would first build the 517 MB default model: nothing may be
