@@ -294,8 +294,11 @@ class SplitStrategy(Strategy):
             return
         del self.conns[conn.client_id]
         self._release(conn.client_id)  # a step that never completed: the body was not touched
-        self.log(f"client {conn.client_id} left after {self.progress[conn.client_id].step} steps")
-        if not conn.said_bye and not self.stopping:  # a lost link: it may be back before the deadline
+        stepped = self.progress[conn.client_id].step
+        self.log(f"client {conn.client_id} left after {stepped} steps")
+        # a lost link: it may be back before the deadline. One that never ran a step owes the round
+        # nothing (else any device could stall every round to its deadline by joining and vanishing)
+        if not conn.said_bye and not self.stopping and stepped > 0:
             self.rounds.awaited.add(conn.client_id)
         if not self.stopping:
             await self.rounds.maybe_close(set(self.conns))
