@@ -103,6 +103,7 @@ class Keyring:
     def verify(self, text: str | None, *, now: float | None = None) -> str:
         """The client id `text` (an Authorization header) proves, or Refused."""
         now = time.time() if now is None else now
+        self._expire(now)
         try:
             h = parse_header(text)
         except BadMessage as e:
@@ -120,7 +121,6 @@ class Keyring:
             raise Refused(HTTPStatus.UNAUTHORIZED, f"device {h.client_id!r}: the handshake was signed {now - h.ts:+.0f} s "
                                                    f"from the server's clock (allowed ±{self.skew_s:.0f} s): a stale "
                                                    "or replayed handshake, or the device's clock is off")
-        self._expire(now)
         if (h.client_id, h.nonce) in self._seen:
             raise Refused(HTTPStatus.UNAUTHORIZED, f"device {h.client_id!r}: replayed handshake (this signed nonce was "
                                                    "already used; every connection signs a fresh one)")
