@@ -163,3 +163,25 @@ def test_alice_trained_every_step_exactly_once(trusted):
     first, last = (i for i, line in enumerate(lines) if "client alice  step" in line and
                    int(line.split("step")[2].split()[0]) in (0, GOOD_STEPS - 1))
     assert sum(first < i < last for i in refusals) >= 5, "the refusals overlapped alice's training"
+
+
+def test_an_idle_connection_is_closed_and_frees_its_slot(tiny_llama, tiny_bundle):
+    from websockets.exceptions import ConnectionClosed
+
+    bundle = tiny_bundle("server")
+    server = ServerProcess(str(tiny_llama), "--cut", "2", "--lora-rank", "4", "--max-clients", "1",
+                           "--idle-timeout", "1")
+    try:
+        sleepy = connect(server.url, max_size=None)
+        sleepy.send(encode(hello_for(bundle, client_id="sleepy"), seq=0))
+        assert isinstance(recv(sleepy), Welcome)  # it holds the only slot, and says nothing more
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionClosed):
+            sleepy.recv(timeout=30)
+        assert time.monotonic() - t0 < 10
+        with connect(server.url, max_size=None) as ws:  # the slot is free again
+            ws.send(encode(hello_for(bundle, client_id="next"), seq=0))
+            assert isinstance(recv(ws), Welcome)
+        assert "client sleepy: sent nothing for 1 s (idle); closed" in server.log()
+    finally:
+        server.stop()
