@@ -347,8 +347,9 @@ class EdgeClient:
                     await self._session(ws)
                 return self.meter.summary()
             except (ConnectionClosed, InvalidHandshake, OSError) as e:  # OSError: refused, timed out
-                if refusal(self.cfg.url, e) is not None:
-                    raise refusal(self.cfg.url, e) from e
+                fatal = refusal(self.cfg.url, e)  # refused (always final), or TLS on one side only (final at first)
+                if fatal is not None and (not answered or isinstance(e, InvalidStatus)):
+                    raise fatal from e
                 if not answered:
                     raise NeverConnected(f"nothing ever answered at {self.cfg.url} ({type(e).__name__}: {e}): "
                                          "is `splitlm serve` running there? (reconnects with backoff follow only "
