@@ -159,6 +159,7 @@ class Gate:
     def __init__(self, *, keyring: Keyring | None, limits: GateLimits, log=print):
         self.keyring, self.limits, self.log = keyring, limits, log
         self._attempts: OrderedDict[str, deque] = OrderedDict()  # address -> attempt times, in the window
+        self._told: dict[str, float] = {}  # address -> when its last 429 was logged (once a window, not per attempt)
         self.refused = 0
 
     def process_request(self, connection, request):
@@ -171,13 +172,26 @@ class Gate:
                 connection.username = self.keyring.verify(request.headers.get("Authorization"))
         except Refused as e:
             self.refused += 1
-            self.log(f"refused a connection from {connection.remote_address[0] if connection.remote_address else '?'}: "
-                     f"HTTP {e.status.value}: {e}")
+            address = connection.remote_address[0] if connection.remote_address else "?"
+            if self._worth_logging(address, e.status):
+                self.log(f"refused a connection from {address}: HTTP {e.status.value}: {e}")
             response = connection.respond(e.status, str(e) + "\n")
             if e.status == HTTPStatus.UNAUTHORIZED:
                 response.headers["WWW-Authenticate"] = SCHEME
             return response
         return None
+
+    def _worth_logging(self, address: str, status: HTTPStatus) -> bool:
+        """Every refusal but 429, which is logged once a window per address (a flood is one line)."""
+        if status != HTTPStatus.TOO_MANY_REQUESTS:
+            return True
+        now = time.monotonic()
+        if now - self._told.get(address, -ATTEMPT_WINDOW_S) < ATTEMPT_WINDOW_S:
+            return False
+        self._told[address] = now
+        if len(self._told) > MAX_TRACKED_ADDRESSES:
+            self._told.clear()
+        return True
 
     def _count_attempt(self, address: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
