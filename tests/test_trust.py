@@ -53,7 +53,7 @@ def trusted(tiny_llama, tiny_bundle, tmp_path_factory):
     write_ledger_data(root, clients=1, per_client=40, held_out=1)
     server = ServerProcess(str(tiny_llama), "--cut", "2", "--lora-rank", "4", "--wire", "f32", "--max-seq-len", "64",
                            "--steps-per-round", "1000", "--auth", str(auth), "--tls-cert", str(root / "tls/server.pem"),
-                           "--tls-key", str(root / "tls/server.key"), "--max-attempts", "30")
+                           "--tls-key", str(root / "tls/server.key"), "--max-attempts", "20")
     assert server.url.startswith("wss://")
     metrics = root / "alice.jsonl"
     good = subprocess.Popen(edge_cmd(server.url, bundle.path, root / "client-0.jsonl", "--steps", str(GOOD_STEPS),
@@ -71,7 +71,8 @@ def trusted(tiny_llama, tiny_bundle, tmp_path_factory):
 
 def refused_with(t, status: int, words: str, *, header: str | None = None, **kw) -> None:
     with pytest.raises(InvalidStatus) as caught:
-        connect(t["server"].url, ssl=t["tls"], additional_headers={"Authorization": header} if header else None, **kw)
+        connect(t["server"].url, ssl=t["tls"], additional_headers={"Authorization": header} if header else None,
+                open_timeout=60, **kw)
     response = caught.value.response
     assert response.status_code == status, response
     assert words in response.body.decode(), response.body
@@ -120,7 +121,7 @@ def test_a_replayed_or_stale_handshake_is_refused(trusted):
         ws.send(forward_frame(trusted["bundle"]))
         assert recv(ws).kind == "backward"
     refused_with(trusted, 401, "device 'bob': replayed handshake", header=header)
-    refused_with(trusted, 401, "the handshake was signed +600 s from the server's clock",
+    refused_with(trusted, 401, "s from the server's clock (allowed ±60 s): a stale or replayed handshake",
                  header=bob.header(now=time.time() - 600))
 
 
@@ -134,10 +135,12 @@ def test_plain_ws_to_the_tls_server_is_refused_with_a_hint(trusted):
 
 
 def test_an_address_over_its_attempt_rate_is_turned_away(trusted):
-    """--max-attempts 30: 127.0.0.2 (also loopback) burns its budget; 127.0.0.1, alice's, is untouched."""
-    for _ in range(30):
+    """--max-attempts 20: 127.0.0.2 (also loopback) burns its budget; 127.0.0.1, alice's, is untouched."""
+    t0 = time.monotonic()
+    for _ in range(20):
         refused_with(trusted, 401, "no Authorization header", source_address=("127.0.0.2", 0))
-    refused_with(trusted, 429, "too many connection attempts from 127.0.0.2: 30 in the last 60 s",
+    assert time.monotonic() - t0 < 55, "too slow to fill the 60 s window on this machine"
+    refused_with(trusted, 429, "too many connection attempts from 127.0.0.2: 20 in the last 60 s",
                  source_address=("127.0.0.2", 0))
 
 
