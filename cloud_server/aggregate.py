@@ -84,3 +84,113 @@ def aggregate_topk(reports: list[tuple[np.ndarray, np.ndarray, int]], *, k: int
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------- robust aggregation
+# An update is one device's change to the global: {name: delta}. Every function below takes the
+# updates of one round, all relative to the same global, and treats the update as one flat vector
+# over every tensor (LoRA's A and B factors side by side; see `robust_update` for why that is
+# sound for B·A).
+
+AGGREGATORS = ("mean", "median", "trimmed")
+
+
+def update_norm(update: dict[str, np.ndarray]) -> float:
+    """The L2 norm of an update over all its tensors, as one vector."""
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(t, np.float64))) for t in update.values())))
+
+
+def clip_update(update: dict[str, np.ndarray], bound: float) -> tuple[dict[str, np.ndarray], float]:
+    """`update` scaled down to L2 norm `bound` if it is longer (DP-FedAvg's clip), and the scale
+    applied (1.0: untouched)."""
+    if not bound > 0:
+        raise ValueError(f"clip_update: bound must be > 0, got {bound}")
+    norm = update_norm(update)
+    scale = 1.0 if norm <= bound else bound / norm
+    return {n: (np.asarray(t, np.float64) * scale).astype(np.float32) for n, t in update.items()}, scale
+
+
+def coordinate_median(updates: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each coordinate's median over the updates (Yin et al. 2018); unweighted."""
+    _same_names(updates)
+    return {n: np.median(np.stack([np.asarray(u[n], np.float64) for u in updates]), axis=0).astype(np.float32)
+            for n in updates[0]}
+
+
+def trimmed_mean(updates: list[dict[str, np.ndarray]], fraction: float) -> dict[str, np.ndarray]:
+    """Each coordinate's mean after dropping its `fraction` lowest and `fraction` highest values
+    (int(fraction x n) from each end, as scipy.stats.trim_mean); unweighted."""
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"trimmed_mean: fraction must be in [0, 0.5), got {fraction}")
+    _same_names(updates)
+    cut = int(fraction * len(updates))
+    out = {}
+    for n in updates[0]:
+        stacked = np.sort(np.stack([np.asarray(u[n], np.float64) for u in updates]), axis=0)  # (clients, ...)
+        out[n] = stacked[cut:len(updates) - cut].mean(axis=0).astype(np.float32)
+    return out
+
+
+def parse_aggregator(text: str) -> tuple[str, float]:
+    """'mean', 'median' or 'trimmed:F' (0 <= F < 0.5) -> (name, fraction); ValueError otherwise."""
+    name, _, arg = text.partition(":")
+    if name in ("mean", "median") and not arg:
+        return name, 0.0
+    if name == "trimmed":
+        try:
+            fraction = float(arg)
+        except ValueError:
+            fraction = -1.0
+        if 0 <= fraction < 0.5:
+            return name, fraction
+    raise ValueError(f"expected mean, median or trimmed:F with 0 <= F < 0.5 (e.g. trimmed:0.2), got {text!r}")
+
+
+def robust_update(updates: dict[str, tuple[dict[str, np.ndarray], int]], *, clip: float | None = None,
+                  method: str = "mean") -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """One round's aggregate update, and what happened to each client's.
+
+    `updates` maps client id -> (update relative to the round's global, n_samples). Each update is
+    clipped to norm `clip` (None: not clipped), then combined by `method` ('mean': sample-weighted,
+    'median', 'trimmed:F': unweighted, so no device buys weight by claiming samples). The aggregate
+    is clipped to `clip` again: a mean of clipped updates is within the bound already, a
+    coordinate-wise median or trimmed mean need not be. So the global moves at most `clip` a round.
+
+    LoRA: the update is (ΔA, ΔB) of every module, one vector. Every device starts the round from the
+    same global (A, B), so their factors share one basis and combining them factor by factor is
+    meaningful; and a bound on the factors bounds what matters, the product:
+    ||B'A' - BA|| <= ||ΔB|| ||A|| + ||B|| ||ΔA|| + ||ΔB|| ||ΔA||.
+    """
+    if not updates:
+        raise ValueError("robust_update needs at least one update")
+    name, fraction = parse_aggregator(method)
+    info, clipped = {}, {}
+    for cid, (update, n) in updates.items():
+        norm = update_norm(update)
+        clipped[cid], scale = clip_update(update, clip) if clip else (update, 1.0)
+        info[cid] = {"norm": norm, "clipped": scale < 1.0, "scale": scale}
+    if name == "mean":
+        agg = weighted_average([(clipped[cid], n) for cid, (_, n) in updates.items()])
+    elif name == "median":
+        agg = coordinate_median(list(clipped.values()))
+    else:
+        agg = trimmed_mean(list(clipped.values()), fraction)
+    if clip:
+        agg, _ = clip_update(agg, clip)
+    return agg, info
+
+
+def subtract(values: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """values - reference, tensor by tensor, in float32 (a device's LoRA as an update to the global)."""
+    if values.keys() != reference.keys():
+        raise ValueError(f"names {sorted(values)[:3]}... do not match the reference's {sorted(reference)[:3]}...")
+    return {n: (np.asarray(values[n], np.float32) - np.asarray(reference[n], np.float32)) for n in values}
+
+
+def _same_names(updates: list[dict[str, np.ndarray]]) -> None:
+    if not updates:
+        raise ValueError("needs at least one update")
+    names = updates[0].keys()
+    for u in updates[1:]:
+        if u.keys() != names:
+            raise ValueError(f"updates name different tensors: {sorted(names)} vs {sorted(u)}")

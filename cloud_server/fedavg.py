@@ -25,7 +25,7 @@ import numpy as np
 from splitlm.errors import BadMessage
 from splitlm.protocol import Bye, Global, Hello, Limits, Update, Welcome, decode_tensor, encode_tensor
 
-from .aggregate import apply_delta, chunk_names, weighted_average
+from .aggregate import apply_delta, chunk_names
 from .global_model import GlobalModel
 from .strategy import Conn, Rounds, ServeConfig, Strategy, refuse_mismatch
 from .writer import RoundWriter
@@ -142,11 +142,12 @@ class FedAvgStrategy(Strategy):
 
     async def _close_round(self, reports: dict) -> None:
         finished = self.round - 1
-        mean = weighted_average([(t, n) for t, n, _ in reports.values()])
+        mean, updates = self.combine(finished, {cid: (t, n) for cid, (t, n, _) in reports.items()})
         delta = {n: self.through_codec(d) for n, d in mean.items()}   # what the devices will decode
         self.values = apply_delta(self.values, delta)
         loss, snapshot = await asyncio.get_running_loop().run_in_executor(None, self._apply_and_eval)
-        metrics = self.round_metrics(finished, reports, eval_loss=loss)
+        metrics = self.round_metrics(finished, reports, eval_loss=loss) | {"updates": updates,
+                                                                           "refused": self.take_refusals()}
         self.board.round_closed(metrics)
         self.writer.write(finished, lambda folder: self.model.save(folder, snapshot), metrics)
         self.log(f"round {finished} closed: {len(reports)} clients, {metrics['samples']} samples"

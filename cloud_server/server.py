@@ -1,10 +1,14 @@
 """`splitlm serve`: the connection shell around one `Strategy` (split, fedavg or distill).
 
 Each connection runs receive -> decode -> strategy.handle -> encode -> send. The shell owns the
-sockets and nothing else: it refuses a first frame that is not a matching hello, a second live
-session for a client_id (a stale one that no longer answers pings is replaced), and more clients
-than `max_clients`; any exception while handling a message becomes an `error` for that connection
-only. What training means lives in the strategy (`strategy`, `split`, `fedavg`, `distill`).
+sockets and nothing else: before the upgrade its `auth.Gate` refuses an address over its attempt
+rate, connections over the cap, and (with `--auth`) a device without a valid credential; after it,
+the shell refuses a first frame that is not a matching hello, a hello whose client_id is not the
+credential's, a second live session for a client_id (a stale one that no longer answers pings is
+replaced), and more clients than `max_clients`; any exception while handling a message becomes an
+`error` for that connection only. No connection can hold the server: an idle one is closed after
+`idle_timeout_s`, a send to a peer that stops reading gives up after SEND_TIMEOUT_S, and at most
+MAX_QUEUE frames wait unread per connection. What training means lives in the strategy (`strategy`, `split`, `fedavg`, `distill`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import asyncio
 import time
 import traceback
 import uuid
-from functools import partial
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -22,9 +25,12 @@ from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.protocol import Bye, Error, Hello, codec_for, decode, encode, error_code
 
 from . import status
+from .auth import Gate, GateLimits, Keyring, server_tls
 from .strategy import Conn, Strategy
 
 HANDSHAKE_TIMEOUT_S = 30.0
+SEND_TIMEOUT_S = 30.0  # a peer that reads none of a frame for this long is cut off
+MAX_QUEUE = 4          # frames received and not yet handled, per connection (then TCP backpressure)
 STALE_PING_S = 5.0  # a connection that does not answer a ping this fast is replaced by its client's new one
 
 
@@ -33,12 +39,27 @@ class Server:
         self.strategy, self.cfg, self.log = strategy, strategy.cfg, log
         self._sockets: dict[str, ServerConnection] = {}  # by client_id
         self._gone: dict[str, asyncio.Event] = {}        # by client_id: set once its handler finished
+        cfg = self.cfg
+        self.gate = Gate(keyring=Keyring(cfg.auth) if cfg.auth else None,
+                         limits=GateLimits(max_connections=cfg.max_connections, max_attempts=cfg.max_attempts), log=log)
+        self.tls = server_tls(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+        self.scheme = "wss" if self.tls else "ws"
 
     def listen(self):
         """An async context manager: `async with server.listen() as ws_server: ...`."""
-        page = partial(status.respond, board=self.strategy.board, strategy=self.strategy) if self.cfg.status else None
         return serve(self.connection, self.cfg.host, self.cfg.port, max_size=self.strategy.limits.max_frame_bytes,
-                     compression=None, ping_interval=20, ping_timeout=60, process_request=page)
+                     compression=None, ping_interval=20, ping_timeout=60, max_queue=MAX_QUEUE,
+                     process_request=self.process_request, ssl=self.tls)
+
+    def process_request(self, connection, request):
+        """Before any upgrade: the gate (limits, and with --auth a signed credential) for everyone, the
+        status page included; then the page, or None to let a websocket through."""
+        refused = self.gate.process_request(connection, request)
+        if refused is not None:
+            return refused
+        if self.cfg.status:
+            return status.respond(connection, request, self.strategy.board, self.strategy)
+        return None
 
     # ------------------------------------------------------------------ connection loop
 
@@ -57,7 +78,9 @@ class Server:
                 for reply in await self.handle(conn, frame):
                     await conn.send(reply)
         except (ConnectionClosed, asyncio.TimeoutError) as e:
-            reason = "stalled mid-step" if isinstance(e, asyncio.TimeoutError) else "disconnected"
+            reason = "disconnected"
+            if isinstance(e, asyncio.TimeoutError):
+                reason = f"sent nothing for {timeout:g} s ({'stalled mid-step' if conn.busy else 'idle'}); closed"
             if not conn.said_bye:
                 self.log(f"client {conn.client_id}: {reason}")
         finally:
@@ -78,6 +101,7 @@ class Server:
                 return []
             return await self.strategy.handle(conn, msg)
         except (BadMessage, BundleMismatch) as e:
+            self.strategy.refused(conn, str(e))
             return [Error(code=error_code(e), message=str(e))]
         except ConnectionClosed:
             raise
@@ -96,10 +120,13 @@ class Server:
                                seq=next(conn.seq))
             conn.bytes_out += len(frame)
             try:
-                await ws.send(frame)
+                await asyncio.wait_for(ws.send(frame), SEND_TIMEOUT_S)
                 conn.last_sent = time.monotonic()
             except ConnectionClosed:
                 pass  # its handler sees the close and the strategy hears of it there
+            except asyncio.TimeoutError:  # it stopped reading: drop it rather than hold a round for it
+                self.log(f"client {conn.client_id}: read nothing of a {msg.kind} for {SEND_TIMEOUT_S:g} s; cut off")
+                ws.transport.abort()
         return send
 
     # ------------------------------------------------------------------ handshake
@@ -115,6 +142,11 @@ class Server:
             await self._refuse(ws, error_code(e), str(e))
             return None
         except (ConnectionClosed, asyncio.TimeoutError):
+            return None
+        identity = getattr(ws, "username", None)  # the credential's client id, set by the gate
+        if self.gate.keyring is not None and hello.client_id != identity:
+            await self._refuse(ws, "identity", f"hello.client_id {hello.client_id!r}: this connection's credential is "
+                                               f"for {identity!r}; a device's id comes from its credential")
             return None
         if not await self._slot_free(hello.client_id):
             await self._refuse(ws, "already_connected",
@@ -179,9 +211,11 @@ async def serve_until_stopped(server: Server) -> None:
     strategy = server.strategy
     async with server.listen() as ws_server:
         host, port = next(iter(ws_server.sockets)).getsockname()[:2]
-        server.log(f"listening on ws://{host}:{port}  ({strategy.describe()})")
+        server.log(f"listening on {server.scheme}://{host}:{port}  ({strategy.describe()})")
         if server.cfg.status:
-            server.log(f"status page: http://{host}:{port}/status  (read-only; /status.json for tools)")
+            web = "https" if server.tls else "http"
+            who = "; enrolled credentials only (--auth)" if server.cfg.auth else ""
+            server.log(f"status page: {web}://{host}:{port}/status  (read-only; /status.json for tools{who})")
         strategy.start()
         done = asyncio.create_task(strategy.finished.wait())
         await asyncio.wait([asyncio.create_task(stop.wait()), done], return_when=asyncio.FIRST_COMPLETED)

@@ -29,7 +29,7 @@ import numpy as np
 from splitlm.errors import BadMessage
 from splitlm.protocol import (Adapter, AdapterGlobal, Backward, Forward, Hello, Hidden, Limits, TailGrad, Welcome)
 
-from .aggregate import weighted_average
+from .aggregate import apply_delta, subtract
 from .body import Body, PendingStep
 from .state import (STATE_FILE, Progress, Resume, ServerState, StateError, describe_resume, save_state,
                     server_resume)
@@ -58,7 +58,10 @@ class SplitStrategy(Strategy):
         self.rounds = Rounds(deadline_s=cfg.round_deadline_s, close=self._close_round, min_reports=cfg.min_clients,
                              log=log)
         self.writer = RoundWriter(cfg.out)
-        self._head_shapes = {n: v.shape for n, v in body.lora_tensors(head=True).items()}
+        self._initial_head = body.lora_tensors(head=True)
+        self._head_shapes = {n: v.shape for n, v in self._initial_head.items()}
+        if cfg.clip_norm is not None or cfg.aggregate != "mean":
+            self.global_head = dict(self._initial_head)  # the reference updates are measured from, sent in the welcome
         self._body_lock = asyncio.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body")
         self.stopping = False
@@ -71,8 +74,9 @@ class SplitStrategy(Strategy):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def recv_timeout(self, conn: Conn) -> float | None:
-        """A U-shape step in flight waits this long for the client's tail_grad."""
-        return self.cfg.step_timeout_s if conn.client_id in self.pending else None
+        """A U-shape step in flight waits this long for the client's tail_grad (it holds the body)."""
+        conn.busy = conn.client_id in self.pending
+        return self.cfg.step_timeout_s if conn.busy else super().recv_timeout(conn)
 
     def describe(self) -> str:
         b = self.body.cfg
@@ -176,9 +180,9 @@ class SplitStrategy(Strategy):
         return []
 
     async def _close_round(self, reports: dict) -> None:
-        self.global_head = weighted_average(list(reports.values()))
         finished = self.round - 1
-        metrics = self._round_metrics(finished, reports)
+        self.global_head, updates = self._combine_heads(finished, reports)
+        metrics = self._round_metrics(finished, reports) | {"updates": updates, "refused": self.take_refusals()}
         self.board.round_closed(metrics)
         async with self._body_lock:  # no step in flight: body and counters in the state agree
             snapshot, body_state = await self._run(self._snapshot)
@@ -194,6 +198,15 @@ class SplitStrategy(Strategy):
                 await conn.send(AdapterGlobal(round=self.round, tensors=self.global_head))
         if self.cfg.rounds and self.round >= self.cfg.rounds:
             self.finished.set()
+
+    def _combine_heads(self, round_: int, reports: dict) -> tuple[dict[str, np.ndarray], dict]:
+        """The new global head LoRA from the reported ones. Plain FedAvg averages the values; with a
+        clip or a robust aggregator each report becomes an update from the round's global first."""
+        if self.cfg.clip_norm is None and self.cfg.aggregate == "mean":
+            return self.combine(round_, reports)
+        ref = self.global_head or self._initial_head
+        agg, info = self.combine(round_, {cid: (subtract(t, ref), n) for cid, (t, n) in reports.items()})
+        return apply_delta(ref, agg), info
 
     def _snapshot(self):
         """On the body's thread: the averaged head goes into the model, then copies of what is written."""
@@ -283,8 +296,11 @@ class SplitStrategy(Strategy):
             return
         del self.conns[conn.client_id]
         self._release(conn.client_id)  # a step that never completed: the body was not touched
-        self.log(f"client {conn.client_id} left after {self.progress[conn.client_id].step} steps")
-        if not conn.said_bye and not self.stopping:  # a lost link: it may be back before the deadline
+        stepped = self.progress[conn.client_id].step
+        self.log(f"client {conn.client_id} left after {stepped} steps")
+        # a lost link: it may be back before the deadline. One that never ran a step owes the round
+        # nothing (else any device could stall every round to its deadline by joining and vanishing)
+        if not conn.said_bye and not self.stopping and stepped > 0:
             self.rounds.awaited.add(conn.client_id)
         if not self.stopping:
             await self.rounds.maybe_close(set(self.conns))

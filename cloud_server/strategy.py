@@ -24,9 +24,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.protocol import Hello, Limits
 
+from .aggregate import robust_update, weighted_average
 from .status import Board
 
 
@@ -49,6 +52,15 @@ class ServeConfig:
     step_timeout_s: float = 120.0    # how long a U-shape step may wait for the client's tail_grad
     out: Path | None = None
     save_state: bool = False         # split: write OUT/server-state.safetensors at round ends and on shutdown
+    # trust (see `auth` and `aggregate.robust_update`)
+    auth: Path | None = None         # enrolled devices' public keys; None: anyone may connect
+    tls_cert: Path | None = None     # with tls_key: listen for wss://
+    tls_key: Path | None = None
+    idle_timeout_s: float = 600.0    # a connection that sends nothing this long (and is owed nothing) is closed
+    max_connections: int = 64        # open sockets, handshakes included
+    max_attempts: int = 120          # connection attempts per address per minute
+    clip_norm: float | None = None   # each device's update to the global is clipped to this L2 norm
+    aggregate: str = "mean"          # mean (sample-weighted), median or trimmed:F (unweighted)
     status: bool = True              # answer GET /status and /status.json on the same port
 
 
@@ -62,6 +74,7 @@ class Conn:
     close: Callable[[int, str], Awaitable[None]]
     seq: itertools.count = field(default_factory=itertools.count)
     said_bye: bool = False
+    busy: bool = False    # a step of this connection is half done (the server waits for its next frame)
     bytes_in: int = 0     # frame bytes received from this connection, headers included
     bytes_out: int = 0    # frame bytes sent to it
     device_s: float = 0.0  # seconds from each frame the server sent it to its next frame (device compute + network)
@@ -85,8 +98,10 @@ class Strategy:
         self.finished = asyncio.Event()   # set once `cfg.rounds` rounds have closed
         self.conns: dict[str, Conn] = {}  # by client_id: the open connections
         self.board = Board(mode=self.mode, out=cfg.out)  # what the status page shows
+        self.refusals: dict[str, list[str]] = {}  # by client_id: messages refused in the open round
 
     limits: Limits
+    rounds: "Rounds"
 
     def check_hello(self, hello: Hello) -> None:
         if hello.mode != self.mode:
@@ -106,8 +121,35 @@ class Strategy:
         raise NotImplementedError
 
     def recv_timeout(self, conn: Conn) -> float | None:
-        """How long the shell waits for `conn`'s next frame (None: as long as pings answer)."""
-        return None
+        """How long the shell waits for `conn`'s next frame (None: as long as pings answer): the idle
+        timeout, except while `conn` waits on the server (its report is in for the open round)."""
+        if conn.client_id in self.rounds.reports:
+            return None
+        return self.cfg.idle_timeout_s or None
+
+    def refused(self, conn: Conn, message: str) -> None:
+        """The shell refused one of `conn`'s messages: kept (the first few) for the round's metrics."""
+        kept = self.refusals.setdefault(conn.client_id, [])
+        if len(kept) < 3:
+            kept.append(message[:300])
+
+    def combine(self, round_: int, updates: dict[str, tuple[dict[str, np.ndarray], int]]
+                ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+        """The round's aggregate of the devices' updates (each relative to the round's global), and
+        per device its norm and whether it was clipped: `cfg.clip_norm` and `cfg.aggregate` (see
+        `aggregate.robust_update`). Without either, the plain sample-weighted mean."""
+        if self.cfg.clip_norm is None and self.cfg.aggregate == "mean":
+            return weighted_average(list(updates.values())), {}
+        agg, info = robust_update(updates, clip=self.cfg.clip_norm, method=self.cfg.aggregate)
+        for cid, i in sorted(info.items()):
+            if i["clipped"]:
+                self.log(f"round {round_}: clipped {cid}'s update from norm {i['norm']:.4g} to {self.cfg.clip_norm:g}")
+        return agg, info
+
+    def take_refusals(self) -> dict[str, list[str]]:
+        """The open round's refusals, for its metrics; the next round starts with none."""
+        refusals, self.refusals = self.refusals, {}
+        return refusals
 
     def start(self) -> None:
         """Once listening (e.g. a restored round's deadline starts)."""

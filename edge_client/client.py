@@ -20,19 +20,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus
 
-from splitlm.errors import SplitLMError
+from splitlm.errors import AuthError, SplitLMError
 from splitlm.manifest import Bundle
 from splitlm.protocol import (FLOAT_CODECS, Adapter, AdapterGlobal, Backward, Bye, Error, Forward, Hello,
                               Hidden, Limits, TailGrad, Welcome, codec_for, decode, encode)
 
+from .credential import Credential, client_tls
 from .data import Dataset
 from .meter import Meter
 from .optim import AdamW
@@ -72,6 +74,8 @@ class EdgeConfig:
     reconnect_tries: int = 8        # reconnects in a row before giving up (0.5 s doubling to 8 s apart)
     privacy: PrivacySettings = PrivacySettings()  # the device's floor; the manifest can only raise it
     tail_chunk: int | None = None   # tokens per tail.onnx run (labels on device); None: the runtime's default
+    credential: Path | None = None  # from `splitlm enroll`: signs every connection (client_id must be its id)
+    ca: Path | None = None          # wss://: the CA to trust; None: the system's trust store
 
 
 class ServerError(SplitLMError):
@@ -84,6 +88,35 @@ class LinkLost(SplitLMError):
 
 class NeverConnected(SplitLMError):
     """The first connection failed: nothing at the address ever answered as a splitlm server."""
+
+
+def open_connection(cfg: EdgeConfig):
+    """`async with open_connection(cfg) as ws:` one connection to the server: TLS for wss://, and a
+    freshly signed credential header when the device has one (a new signature each call)."""
+    headers = None
+    if cfg.credential is not None:
+        credential = Credential.load(cfg.credential)
+        if credential.client_id != cfg.client_id:
+            raise AuthError(f"client id {cfg.client_id!r}: the credential is for {credential.client_id!r}")
+        headers = {"Authorization": credential.header()}
+    return connect(cfg.url, max_size=None, compression=None, ping_interval=20, ping_timeout=120,
+                   additional_headers=headers, ssl=client_tls(cfg.url, cfg.ca))
+
+
+def refusal(url: str, e: BaseException) -> AuthError | None:
+    """What a failed connection means when retrying cannot help: the server refused this device
+    (HTTP 401/403), or the two sides disagree on TLS. None for the rest (a link that may come back)."""
+    if isinstance(e, InvalidStatus) and e.response.status_code in (401, 403):
+        body = (e.response.body or b"").decode("utf-8", "replace").strip()
+        return AuthError(f"the server at {url} refused this device (HTTP {e.response.status_code}): {body}")
+    if url.startswith("ws://") and isinstance(e, InvalidMessage):
+        return AuthError(f"the server at {url} did not answer in plain HTTP: it probably speaks TLS; connect "
+                         "with wss:// (and --ca if its certificate is from `splitlm certs`)")
+    if url.startswith("wss://") and isinstance(e, ssl.SSLError):
+        what = "its certificate does not verify" if isinstance(e, ssl.SSLCertVerificationError) else "TLS failed"
+        return AuthError(f"the server at {url}: {what} ({e.reason or e}); a plain server needs ws://, a lab "
+                         "certificate needs --ca CA.pem")
+    return None
 
 
 async def send_metered(ws: ClientConnection, msg, *, seq: int, codecs: tuple[str, str], meter: Meter) -> None:
@@ -309,12 +342,14 @@ class EdgeClient:
         self._failures, answered = 0, False
         while True:
             try:
-                async with connect(self.cfg.url, max_size=None, compression=None, ping_interval=20,
-                                   ping_timeout=120) as ws:
+                async with open_connection(self.cfg) as ws:
                     answered = True
                     await self._session(ws)
                 return self.meter.summary()
             except (ConnectionClosed, InvalidHandshake, OSError) as e:  # OSError: refused, timed out
+                fatal = refusal(self.cfg.url, e)  # refused (always final), or TLS on one side only (final at first)
+                if fatal is not None and (not answered or isinstance(e, InvalidStatus)):
+                    raise fatal from e
                 if not answered:
                     raise NeverConnected(f"nothing ever answered at {self.cfg.url} ({type(e).__name__}: {e}): "
                                          "is `splitlm serve` running there? (reconnects with backoff follow only "

@@ -25,15 +25,15 @@ import json
 import sys
 
 import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.manifest import Bundle
 from splitlm.protocol import FLOAT_CODECS, Bye, Global, Hello, Limits, Logits, Update, Welcome
 from splitlm.public import PublicSet
 
-from .client import EdgeConfig, recv_metered, send_metered
+from .client import EdgeConfig, NeverConnected, open_connection, recv_metered, refusal, send_metered
 from .data import Dataset
 from .local import LocalTrainer
 from .meter import Meter, rss_peak_mb
@@ -325,8 +325,17 @@ class FederatedClient:
         self.meter.end_step(step=self.step - 1, loss=None, round=self.round, phase="exchange")
 
     async def run(self) -> dict:
-        async with connect(self.cfg.url, max_size=None, compression=None, ping_interval=20, ping_timeout=120) as ws:
-            await self.session(ws)
+        opened = False
+        try:
+            async with open_connection(self.cfg) as ws:
+                opened = True
+                await self.session(ws)
+        except (InvalidHandshake, OSError) as e:
+            if opened:
+                raise
+            if refusal(self.cfg.url, e) is not None:
+                raise refusal(self.cfg.url, e) from e
+            raise NeverConnected(f"nothing answered as a splitlm server at {self.cfg.url} ({type(e).__name__}: {e})") from e
         summary = self.meter.summary()  # its per-step means are over every record (local, kd, exchange, bye)
         summary = {"records": summary.pop("steps"), "local_steps": self.step, "kd_steps": self.kd_step,
                    "rounds": len(self.rounds), **summary}

@@ -16,6 +16,8 @@ ERROR_CODES = (
     "bundle_mismatch",  # the client's bundle is not the model / cut / LoRA spec served
     "server_full",      # no room for another client
     "already_connected",  # a live session for this client id exists
+    "unauthorized",     # no credential, or one that does not verify (also HTTP 401 before the upgrade)
+    "identity",         # a hello claiming another client id than the credential's
     "internal",         # anything else; the peer is not at fault
 )
 

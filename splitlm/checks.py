@@ -46,6 +46,46 @@ def _serve(args) -> None:
     for option in ("public", "eval"):
         if getattr(args, option):
             _file(f"--{option}", getattr(args, option))
+    _trust(args)
+
+
+def _trust(args) -> None:
+    """TLS and auth options make sense together, and a server reachable beyond this host has both."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SplitLMError("--tls-cert and --tls-key go together (`splitlm certs --out DIR` makes a lab pair)")
+    for option in ("tls_cert", "tls_key"):
+        if getattr(args, option):
+            _file(f"--{option.replace('_', '-')}", getattr(args, option))
+    if args.auth and not (Path(args.auth) / "devices").is_dir():
+        raise SplitLMError(f"--auth {args.auth}: no devices/ folder; enrol a device first "
+                           f"(`splitlm enroll CLIENT_ID --auth {args.auth} --out CREDENTIAL`)")
+    _positive(clip_norm=args.clip_norm)
+    _at_least(args, max_connections=1, max_attempts=1)
+    if args.idle_timeout < 0 or not args.step_timeout > 0:
+        raise SplitLMError("--idle-timeout: expected >= 0 (0: never); --step-timeout: expected > 0")
+    from splitlm.cloud_server.aggregate import parse_aggregator  # numpy only
+
+    try:
+        parse_aggregator(args.aggregate)
+    except ValueError as e:
+        raise SplitLMError(f"--aggregate: {e}") from e
+    missing = [what for what, have in (("TLS (--tls-cert/--tls-key)", args.tls_cert), ("--auth", args.auth)) if not have]
+    if missing and not args.insecure and not is_loopback(args.host):
+        raise SplitLMError(f"--host {args.host} is reachable beyond this machine, and this server has no "
+                           f"{' and no '.join(missing)}: anyone on the network could join, read the model and push "
+                           "updates. Add them (`splitlm certs`, `splitlm enroll`), or pass --insecure to accept that")
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` names is a loopback one (127.0.0.0/8, ::1)."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 def _edge(args) -> None:
@@ -57,6 +97,11 @@ def _edge(args) -> None:
         raise SplitLMError("--resume needs --state FILE: the state to continue from")
     if not args.url.startswith(("ws://", "wss://")):
         raise SplitLMError(f"url: expected ws://HOST:PORT or wss://HOST:PORT, got {args.url!r}")
+    for option in ("credential", "ca"):
+        if getattr(args, option):
+            _file(f"--{option}", getattr(args, option))
+    if args.ca and not args.url.startswith("wss://"):
+        raise SplitLMError(f"--ca is for wss:// servers; {args.url} is plain ws://")
     bundle = Path(args.bundle)
     if not (bundle / "manifest.json").is_file():
         what = "no such folder" if not bundle.is_dir() else "no manifest.json in it"
@@ -111,7 +156,13 @@ def _int_list(option: str, text: str, *, low: int) -> None:
         raise SplitLMError(f"{option}: expected comma-separated integers >= {low}, got {text!r}")
 
 
-_CHECKS = {"export": _export, "serve": _serve, "edge": _edge, "eval": _eval, "demo": _demo, "compare": _compare}
+def _enroll(args) -> None:
+    if not args.revoke and not args.out:
+        raise SplitLMError("--out FILE is needed to enrol: the credential to hand to the device")
+
+
+_CHECKS = {"export": _export, "serve": _serve, "edge": _edge, "eval": _eval, "demo": _demo, "compare": _compare,
+           "enroll": _enroll}
 
 
 def _model(model: str) -> None:

@@ -92,11 +92,42 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                       max_clients=args.max_clients, min_clients=args.min_clients, max_batch=args.max_batch,
                       max_seq_len=args.max_seq_len,
                       round_deadline_s=args.round_deadline, out=out, save_state=out is not None,
+                      auth=_path(args.auth), tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
+                      idle_timeout_s=args.idle_timeout, step_timeout_s=args.step_timeout,
+                      max_connections=args.max_connections, max_attempts=args.max_attempts,
+                      clip_norm=args.clip_norm, aggregate=args.aggregate,
                       status=not args.no_status)
     strategy = _strategy(args, cfg, log)
     if args.resume:
         strategy.restore(load_state(strategy.state_path, config=strategy.state_config()))
     asyncio.run(serve_until_stopped(Server(strategy, log=log)))
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _cmd_enroll(args: argparse.Namespace) -> None:
+    from splitlm.cloud_server.auth import enroll, revoke
+
+    if args.revoke:
+        print(f"revoked {args.client_id} (key {revoke(Path(args.auth), args.client_id)}); "
+              "a running server refuses it from its next connection")
+        return
+    key = enroll(Path(args.auth), args.client_id, Path(args.out))
+    print(f"enrolled {args.client_id} (key {key}) in {args.auth}\n"
+          f"credential: {args.out}  (give it to the device only; it holds the device's private key)\n"
+          f"on the device: splitlm edge wss://HOST:PORT --credential {Path(args.out).name} ...")
+
+
+def _cmd_certs(args: argparse.Namespace) -> None:
+    from splitlm.cloud_server.certs import make_lab_certs
+
+    paths = make_lab_certs(Path(args.out), args.host)
+    print(f"CA: {paths['ca']}   server certificate: {paths['cert']}   key: {paths['key']}  (for {', '.join(args.host)})\n"
+          f"serve: splitlm serve ... --host HOST --tls-cert {paths['cert']} --tls-key {paths['key']} --auth DIR\n"
+          f"edge:  splitlm edge wss://{args.host[0]}:PORT --ca {paths['ca']} --credential FILE ...\n"
+          f"keep {paths['ca'].with_suffix('.key')} off the server: it can sign certificates for any name")
 
 
 def _strategy(args: argparse.Namespace, cfg, log):
@@ -134,13 +165,22 @@ def _cmd_edge(args: argparse.Namespace) -> None:
 
     from splitlm.edge_client.client import EdgeConfig, default_client_id, make_client
 
+    if args.credential:  # the device's id is its credential's
+        from splitlm.edge_client.credential import Credential
+
+        credential_id = Credential.load(Path(args.credential)).client_id
+        if args.client_id and args.client_id != credential_id:
+            raise SplitLMError(f"--client-id {args.client_id}: the credential is for {credential_id!r}, and the "
+                               "server takes a device's id from its credential; drop --client-id")
+        args.client_id = credential_id
     cfg = EdgeConfig(url=args.url, bundle=Path(args.bundle), data=Path(args.data), steps=args.steps,
                      epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      seed=args.seed, client_id=args.client_id or default_client_id(Path(args.data)),
                      threads=args.threads,
                      metrics_out=Path(args.metrics_out) if args.metrics_out else None,
                      state=Path(args.state) if args.state else None, resume=args.resume,
-                     reconnect_tries=args.reconnect_tries, privacy=_privacy_settings(args))
+                     reconnect_tries=args.reconnect_tries, privacy=_privacy_settings(args),
+                     credential=_path(args.credential), ca=_path(args.ca))
     if args.max_memory is not None:  # before any connection: refuse what cannot fit
         from splitlm.edge_client.fit import fit_config
         from splitlm.manifest import Bundle
@@ -294,6 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default). Use 1 when clients share this host's cores: "
                         "torch's thread pool slows ~100x when its cores are contended")
+    t = p.add_argument_group("trust (see README: Trust)")
+    t.add_argument("--auth", metavar="DIR", help="admit only devices enrolled in DIR (`splitlm enroll`)")
+    t.add_argument("--tls-cert", help="PEM certificate (chain): serve wss:// (with --tls-key)")
+    t.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    t.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without TLS and --auth (anyone on the network can join)")
+    t.add_argument("--clip-norm", type=float, help="clip each device's update to the global to this L2 norm")
+    t.add_argument("--aggregate", default="mean", metavar="{mean,median,trimmed:F}",
+                   help="mean: sample-weighted FedAvg; median / trimmed:F: coordinate-wise, unweighted, robust to "
+                        "a minority of bad devices (e.g. trimmed:0.2 drops 20%% at each end)")
+    t.add_argument("--idle-timeout", type=float, default=600.0,
+                   help="close a connection that sends nothing this long while nothing is owed to it (0: never)")
+    t.add_argument("--step-timeout", type=float, default=120.0,
+                   help="U-shape: how long a step holds the body waiting for the device's tail_grad")
+    t.add_argument("--max-connections", type=int, default=64, help="open connections, handshakes included")
+    t.add_argument("--max-attempts", type=int, default=120, help="connection attempts per address per minute")
     p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)")
@@ -319,10 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gaussian noise on h_K after the clip, expected norm NOISE x CLIP per token (needs --clip)")
     p.add_argument("--grad-clip", type=float, help="U-shape: clip each token's tail_grad to this L2 norm")
     p.add_argument("--grad-noise", type=float, default=0.0, help="U-shape: noise on tail_grad, as --noise")
+    p.add_argument("--credential", help="this device's credential from `splitlm enroll` (its id is the client id)")
+    p.add_argument("--ca", help="wss://: the CA certificate to trust (`splitlm certs`); default: the system's")
     p.add_argument("--max-memory", type=float, metavar="MB",
                    help="peak memory this device may use: picks the batch size (<= --batch-size) and tail chunk "
                         "that fit, measured on this device, or refuses before connecting")
     p.set_defaults(run=_cmd_edge)
+
+    p = sub.add_parser("enroll", help="issue a device credential (or --revoke one) for `serve --auth DIR`")
+    p.add_argument("client_id", help="the device's id (letters, digits, . _ -); the server knows it by this")
+    p.add_argument("--auth", required=True, metavar="DIR", help="the server's auth folder (public keys only)")
+    p.add_argument("--out", help="the credential file to write for the device (its private key, mode 600)")
+    p.add_argument("--revoke", action="store_true", help="withdraw CLIENT_ID's credential instead")
+    p.set_defaults(run=_cmd_enroll)
+
+    p = sub.add_parser("certs", help="a self-signed CA and a server certificate for wss:// in a lab")
+    p.add_argument("--out", required=True, help="folder for ca.pem, server.pem, server.key (and ca.key)")
+    p.add_argument("--host", nargs="+", default=["localhost", "127.0.0.1"],
+                   help="names and addresses the devices use to reach the server (the certificate's SANs)")
+    p.set_defaults(run=_cmd_certs)
 
     p = sub.add_parser("eval", help="loss, perplexity and exact match of a model (+ PEFT adapter) on data")
     p.add_argument("model", help="a Hugging Face causal-LM folder, or 'default'")

@@ -7,6 +7,7 @@
      +-- ExportError       a model or an option that export cannot handle
      +-- DataError         a data file that cannot be read (names the file and line)
      +-- StateError        a state file missing, torn or from another run; a resume that cannot be
+     +-- AuthError         a credential missing, unreadable, or refused; a TLS setup that cannot work
 
 Each message says what was expected and what arrived.
 """
@@ -38,3 +39,7 @@ class DataError(SplitLMError):
 
 class StateError(SplitLMError):
     """A state file that is missing, unreadable or from another run; or a resume that cannot be."""
+
+
+class AuthError(SplitLMError):
+    """A credential or TLS file that cannot be used, or a server that refused this device."""

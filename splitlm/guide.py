@@ -31,13 +31,28 @@ at the end it prints the `splitlm serve` and `splitlm edge` lines that match the
 examples:
   splitlm serve default --cut 2 --out runs
   splitlm serve default --mode fedavg --rounds 3 --local-steps 10 --min-clients 2 --out runs
-  splitlm serve default --cut 2 --host 0.0.0.0 --port 8765 --out runs --threads 1
+  splitlm serve default --cut 2 --host 0.0.0.0 --auth auth --tls-cert tls/server.pem --tls-key tls/server.key
+  splitlm serve default --mode fedavg --rounds 3 --clip-norm 1 --aggregate trimmed:0.2 --out runs
 
-each round writes OUT/round-NNNN/adapter, a PEFT adapter of the whole model.""",
+each round writes OUT/round-NNNN/adapter, a PEFT adapter of the whole model. Beyond loopback the
+server needs TLS and --auth (`splitlm certs`, `splitlm enroll`), or --insecure.""",
+    "enroll": """\
+examples:
+  splitlm enroll pi-1 --auth auth --out pi-1.credential      # then copy pi-1.credential to the device
+  splitlm enroll pi-1 --auth auth --revoke                    # refused from its next connection
+
+the server keeps only the device's public key in auth/devices/; the credential holds its private key.""",
+    "certs": """\
+example:
+  splitlm certs --out tls --host lab-server.local 192.168.1.20
+
+then: splitlm serve ... --tls-cert tls/server.pem --tls-key tls/server.key, and on each device
+splitlm edge wss://lab-server.local:8765 --ca tls/ca.pem ...""",
     "edge": """\
 examples:
   splitlm edge ws://127.0.0.1:8765 --bundle bundle --data mine.jsonl
   splitlm edge ws://server:8765 --bundle bundle --data notes.txt --steps 100 --state edge.state --client-id pi-1
+  splitlm edge wss://server:8765 --ca ca.pem --credential pi-1.credential --bundle bundle --data notes.txt
 
 --data: .txt, or .jsonl lines {"text": ...} or {"prompt": ..., "completion": ...}.""",
     "eval": """\

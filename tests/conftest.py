@@ -136,7 +136,7 @@ class ServerProcess:
         self.url = None
         for line in self.proc.stdout:
             self.lines.append(line)
-            match = re.search(r"listening on (ws://\S+)", line)
+            match = re.search(r"listening on (wss?://\S+)", line)
             if match:
                 self.url = match.group(1)
                 break

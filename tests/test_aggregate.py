@@ -100,3 +100,69 @@ def test_a_bad_update_chunk_is_refused_with_what_is_wrong(second, message):
     accept_chunk(partial, _update(0, 2, a=np.ones(2)), shapes)
     with pytest.raises(BadMessage, match=re.escape(message)):
         accept_chunk(partial, second, shapes)
+
+
+# ---------------------------------------------------------------- robust aggregation
+
+def _updates(rng, n, shapes=((4, 3), (5,))):
+    return [{f"t{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate(shapes)} for _ in range(n)]
+
+
+def test_median_and_trimmed_mean_equal_numpy_and_scipy():
+    from scipy.stats import trim_mean
+
+    from splitlm.cloud_server.aggregate import coordinate_median, trimmed_mean
+
+    rng = np.random.default_rng(1)
+    ups = _updates(rng, 7)
+    for name in ups[0]:
+        stacked = np.stack([u[name] for u in ups]).astype(np.float64)
+        np.testing.assert_allclose(coordinate_median(ups)[name], np.median(stacked, axis=0), rtol=1e-6)
+        for f in (0.0, 0.15, 0.2, 0.4):
+            np.testing.assert_allclose(trimmed_mean(ups, f)[name], trim_mean(stacked, f, axis=0), rtol=1e-6, atol=1e-7)
+
+
+def test_clip_scales_long_updates_to_the_bound_and_leaves_short_ones():
+    from splitlm.cloud_server.aggregate import clip_update, update_norm
+
+    u = {"a": np.full((3, 4), 2.0, np.float32), "b": np.full(4, -2.0, np.float32)}  # norm 2 * 4 = 8
+    clipped, scale = clip_update(u, 2.0)
+    assert scale == pytest.approx(0.25) and update_norm(clipped) == pytest.approx(2.0, rel=1e-6)
+    np.testing.assert_allclose(clipped["a"], 0.5)
+    same, scale = clip_update(u, 100.0)
+    assert scale == 1.0 and all(np.array_equal(same[n], u[n]) for n in u)
+
+
+@pytest.mark.parametrize("method", ["mean", "median", "trimmed:0.2"])
+def test_one_huge_update_moves_the_aggregate_by_at_most_the_bound(method):
+    from splitlm.cloud_server.aggregate import robust_update, update_norm
+
+    rng = np.random.default_rng(2)
+    honest = _updates(rng, 4)
+    huge = {n: t * 1000 for n, t in _updates(rng, 1)[0].items()}
+    reports = {f"h{i}": (u, 10) for i, u in enumerate(honest)} | {"mallory": (huge, 10 ** 6)}
+    agg, info = robust_update(reports, clip=1.0, method=method)
+    assert update_norm(agg) <= 1.0 + 1e-5
+    assert info["mallory"]["clipped"] and info["mallory"]["norm"] > 1000
+    assert info["mallory"]["scale"] == pytest.approx(1.0 / info["mallory"]["norm"], rel=1e-6)
+
+
+def test_median_ignores_one_outlier_entirely_where_mean_does_not():
+    from splitlm.cloud_server.aggregate import robust_update
+
+    honest = {f"h{i}": ({"w": np.full(3, 0.1 * (i + 1), np.float32)}, 1) for i in range(3)}  # 0.1, 0.2, 0.3
+    poisoned = honest | {"m": ({"w": np.full(3, 1e6, np.float32)}, 1), "n": ({"w": np.full(3, -1e6, np.float32)}, 1)}
+    median, _ = robust_update(poisoned, method="median")
+    np.testing.assert_allclose(median["w"], 0.2, rtol=1e-6)
+    trimmed, _ = robust_update(poisoned, method="trimmed:0.2")   # drops 1 from each end of 5
+    np.testing.assert_allclose(trimmed["w"], 0.2, rtol=1e-6)
+    mean, _ = robust_update(poisoned, method="mean")
+    assert abs(mean["w"][0] - 0.12) < 1e-3  # the two outliers cancel here only by luck
+
+
+@pytest.mark.parametrize("text", ["trimmed:0.5", "trimmed", "mode", "median:0.1", "trimmed:x"])
+def test_an_unknown_aggregator_is_a_clear_error(text):
+    from splitlm.cloud_server.aggregate import parse_aggregator
+
+    with pytest.raises(ValueError, match="expected mean, median or trimmed:F"):
+        parse_aggregator(text)
