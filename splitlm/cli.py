@@ -107,6 +107,33 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+def _cmd_status(args: argparse.Namespace) -> None:
+    """GET the server's /status.json (or /status as HTML), signed with a credential when given."""
+    import urllib.error
+    import urllib.request
+
+    from splitlm.edge_client.credential import Credential, client_tls
+
+    if not args.url.startswith(("ws://", "wss://")):
+        raise SplitLMError(f"URL: expected ws://HOST:PORT or wss://HOST:PORT (the address devices use), got {args.url!r}")
+    web = args.url.replace("wss://", "https://", 1).replace("ws://", "http://", 1).rstrip("/")
+    page = web + ("/status" if args.html else "/status.json")
+    headers = {"Authorization": Credential.load(Path(args.credential)).header()} if args.credential else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(page, headers=headers), timeout=30,
+                                    context=client_tls(args.url, Path(args.ca) if args.ca else None)) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:
+        raise SplitLMError(f"{page}: HTTP {e.code}: {e.read().decode(errors='replace').strip()}") from e
+    except OSError as e:
+        raise SplitLMError(f"{page}: nothing answered ({e})") from e
+    if args.html:
+        Path(args.html).write_bytes(body)
+        print(f"wrote {args.html}")
+    else:
+        print(body.decode())
+
+
 def _cmd_enroll(args: argparse.Namespace) -> None:
     from splitlm.cloud_server.auth import enroll, revoke
 
@@ -388,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the credential file to write for the device (its private key, mode 600)")
     p.add_argument("--revoke", action="store_true", help="withdraw CLIENT_ID's credential instead")
     p.set_defaults(run=_cmd_enroll)
+
+    p = sub.add_parser("status", help="what a server's status page shows, as JSON (or its HTML page to a file)")
+    p.add_argument("url", help="the address devices use: ws://HOST:PORT or wss://HOST:PORT")
+    p.add_argument("--credential", help="an enrolled credential (needed when the server runs with --auth)")
+    p.add_argument("--ca", help="wss://: the lab CA that signed the server's certificate (default: system trust)")
+    p.add_argument("--html", metavar="FILE", help="write the HTML page to FILE instead of printing the JSON")
+    p.set_defaults(run=_cmd_status)
 
     p = sub.add_parser("certs", help="a self-signed CA and a server certificate for wss:// in a lab")
     p.add_argument("--out", required=True, help="folder for ca.pem, server.pem, server.key (and ca.key)")

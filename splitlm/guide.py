@@ -42,6 +42,12 @@ examples:
   splitlm enroll pi-1 --auth auth --revoke                    # refused from its next connection
 
 the server keeps only the device's public key in auth/devices/; the credential holds its private key.""",
+    "status": """\
+examples:
+  splitlm status ws://127.0.0.1:8765                                   # or open http://127.0.0.1:8765/status
+  splitlm status wss://server:8765 --ca tls/ca.pem --credential ops.credential --html status.html
+
+with --auth the page admits enrolled credentials only (`splitlm enroll ops ...` makes one for a person).""",
     "certs": """\
 example:
   splitlm certs --out tls --host lab-server.local 192.168.1.20

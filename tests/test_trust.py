@@ -11,6 +11,8 @@ import json
 import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from websockets.exceptions import InvalidStatus
@@ -188,3 +190,16 @@ def test_an_idle_connection_is_closed_and_frees_its_slot(tiny_llama, tiny_bundle
         assert "client sleepy: sent nothing for 1 s (idle); closed" in server.log()
     finally:
         server.stop()
+
+
+def test_the_status_page_is_behind_the_same_gate(trusted):
+    page = trusted["server"].url.replace("wss://", "https://") + "/status.json"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(page, context=trusted["tls"], timeout=30)
+    assert refused.value.code == 401
+    assert "no Authorization header: this server admits enrolled devices only" in refused.value.read().decode()
+    done = run_cli("status", trusted["server"].url, "--credential", str(trusted["creds"] / "bob.json"),
+                   "--ca", str(trusted["root"] / "tls/ca.pem"))
+    assert done.returncode == 0, done.stderr
+    alice = next(d for d in json.loads(done.stdout)["devices"] if d["client_id"] == "alice")
+    assert alice["steps"] >= 1 and alice["bytes_in"] > 0
