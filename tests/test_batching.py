@@ -14,7 +14,9 @@ from splitlm.cloud_server.body import Body, BodyConfig
 from splitlm.edge_client.data import Dataset
 
 from .conftest import ServerProcess, edge_cmd
-from .test_split_training import BATCH, LR, SEQ, STEPS, centralized_losses, data_dir, read_metrics, serve_args  # noqa: F401
+from .test_split_training import BATCH, LR, SEQ, centralized_losses, data_dir, read_metrics, serve_args  # noqa: F401
+
+STEPS = 10  # per device, two rounds
 
 
 def device_steps(hidden_size: int) -> list[StepInput]:
@@ -85,7 +87,7 @@ def test_two_identical_devices_batched_per_batch_train_as_one_alone(tiny_llama, 
     """Two devices with the same data in lockstep, one batch per step, one AdamW step on the mean of two equal
     gradients: each device's losses are those of a single device alone (= a centralized fine-tune)."""
     bundle = tiny_bundle("server")
-    server = ServerProcess(*serve_args(tiny_llama, bundle, "--steps-per-round", "10", "--batch-wait-ms", "60000",
+    server = ServerProcess(*serve_args(tiny_llama, bundle, "--steps-per-round", "5", "--batch-wait-ms", "60000",
                                        "--batch-max-devices", "2", "--batch-optimizer", "per-batch"))
     metrics = [tmp_path / f"m{i}.jsonl" for i in range(2)]
     try:
