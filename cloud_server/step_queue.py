@@ -1,5 +1,6 @@
 """Collecting devices' body steps into batches: the first step waiting opens a batch, which closes
-`wait_s` after that step arrived or once `max_devices` steps are in it, whichever comes first.
+`wait_s` after that step arrived, or at once when `max_devices` steps are in it or every device
+that could send one (`expected()`, the connected devices) has, whichever comes first.
 
 Steps that arrive while a batch runs wait in the queue and start the next one (they have already
 waited, so it closes as soon as the body is free unless the bound has not passed). One consumer
@@ -26,8 +27,9 @@ BATCH_OPTIMIZERS = ("per-device", "per-batch")
 
 
 class StepQueue:
-    def __init__(self, run_batch: Callable[[list], Awaitable[list]], *, lock: asyncio.Lock, cfg: BatchConfig):
-        self._run_batch, self._lock, self.cfg = run_batch, lock, cfg
+    def __init__(self, run_batch: Callable[[list], Awaitable[list]], *, lock: asyncio.Lock, cfg: BatchConfig,
+                 expected: Callable[[], int] = lambda: 1 << 30):
+        self._run_batch, self._lock, self.cfg, self._expected = run_batch, lock, cfg, expected
         self._queue: asyncio.Queue = asyncio.Queue()  # (arrival time, item, future)
         self._consumer: asyncio.Task | None = None
         self.batch_sizes: list[int] = []              # every batch run so far
@@ -44,7 +46,7 @@ class StepQueue:
         while True:
             batch = [await self._queue.get()]
             close_at = batch[0][0] + self.cfg.wait_s
-            while len(batch) < self.cfg.max_devices:
+            while len(batch) < min(self.cfg.max_devices, self._expected()):
                 if not self._queue.empty():  # arrived while the last batch ran: no waiting
                     batch.append(self._queue.get_nowait())
                     continue
