@@ -69,7 +69,8 @@ class SplitStrategy(Strategy):
         self._body_lock = asyncio.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body")
         self.batching = batching
-        self.steps = (StepQueue(self._body_batch, lock=self._body_lock, cfg=batching, expected=lambda: len(self.conns))
+        self.steps = (StepQueue(self._body_batch, lock=self._body_lock, cfg=batching,
+                                 expected=lambda: max(len(self.conns), cfg.min_clients))
                       if batching.wait_s > 0 and body.cfg.labels == "server" else None)
         self.stopping = False
 

@@ -1,6 +1,7 @@
 """Collecting devices' body steps into batches: the first step waiting opens a batch, which closes
 `wait_s` after that step arrived, or at once when `max_devices` steps are in it or every device
-that could send one (`expected()`, the connected devices) has, whichever comes first.
+that could send one (`expected()`: the connected devices, at least `serve --min-clients`) has,
+whichever comes first.
 
 Steps that arrive while a batch runs wait in the queue and start the next one (they have already
 waited, so it closes as soon as the body is free unless the bound has not passed). One consumer

@@ -88,7 +88,7 @@ def test_two_identical_devices_batched_per_batch_train_as_one_alone(tiny_llama, 
     gradients: each device's losses are those of a single device alone (= a centralized fine-tune)."""
     bundle = tiny_bundle("server")
     server = ServerProcess(*serve_args(tiny_llama, bundle, "--steps-per-round", "5", "--batch-wait-ms", "60000",
-                                       "--batch-max-devices", "2", "--batch-optimizer", "per-batch"))
+                                       "--batch-max-devices", "2", "--batch-optimizer", "per-batch", "--min-clients", "2"))
     metrics = [tmp_path / f"m{i}.jsonl" for i in range(2)]
     try:
         edges = [subprocess.Popen(edge_cmd(server.url, bundle.path, data_dir / "client-0.jsonl", "--steps", str(STEPS),
