@@ -78,21 +78,21 @@ def quantization_config(quant: str):
 
 
 def load_body_model(model: str, *, quant: str, device: torch.device) -> tuple[torch.nn.Module, Path]:
-    """The whole causal LM, frozen, in eval mode, on `device`; its linears quantized per `quant`."""
+    """The whole causal LM, frozen, in eval mode; its linears quantized per `quant`, and then (bitsandbytes
+    quantizes while it places the weights) already on `device`."""
     from transformers import AutoModelForCausalLM
 
     from splitlm.export.bundle import load_config, resolve_model_path
 
     if quant not in BODY_QUANTS:
         raise ValueError(f"body quant: expected one of {BODY_QUANTS}, got {quant!r}")
-    if quant == "none":
-        loaded, path = load_model(model)
-        return loaded.to(device), path
+    if quant == "none":  # loaded on the CPU, moved with its LoRA (drawn from the CPU generator on any device)
+        return load_model(model)
     path = resolve_model_path(model)
     load_config(path)
     loaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
                                                   quantization_config=quantization_config(quant),
-                                                  device_map={"": device})
+                                                  device_map={"": "cpu" if device.type == "cpu" else device.index or 0})
     return loaded.eval().requires_grad_(False), path
 
 
