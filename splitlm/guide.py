@@ -32,6 +32,7 @@ examples:
   splitlm serve default --cut 2 --out runs
   splitlm serve default --mode fedavg --rounds 3 --local-steps 10 --min-clients 2 --out runs
   splitlm serve default --cut 2 --host 0.0.0.0 --port 8765 --out runs --threads 1
+  splitlm serve default --cut 2 --device cuda --body-quant nf4 --batch-wait-ms 20 --out runs
 
 each round writes OUT/round-NNNN/adapter, a PEFT adapter of the whole model.""",
     "edge": """\
