@@ -58,6 +58,9 @@ def _serve_scale(args) -> None:
     if args.batch_wait_ms < 0:
         raise SplitLMError(f"--batch-wait-ms: expected >= 0 (0: no batching), got {args.batch_wait_ms}")
     _at_least(args, batch_max_devices=1)
+    if args.batch_wait_ms > 0 and args.labels == "device":
+        raise SplitLMError("--batch-wait-ms: U-shape steps (--labels device) hold the body from forward to tail_grad "
+                           "and run one at a time; batching is for --labels server so far")
     if args.batch_wait_ms > 0 and args.batch_optimizer == "per-device" and args.full:
         raise SplitLMError("--batch-optimizer per-device: per-device gradients are recovered for LoRA only; "
                            "with --full use --batch-optimizer per-batch")
