@@ -186,19 +186,24 @@ class Body:
             losses = [causal_lm_loss(logits[a:b], labels_t[a:b], mask_t[a:b]) for a, b in packed.rows]
             self.optimizer.zero_grad(set_to_none=True)
             torch.stack(losses).sum().backward()  # device i's rows of h_k.grad are dL_i/dh_K: losses are apart
+        self._optimize_batch(capture, n_devices=len(steps))
+        grads = batching.unpack(h_k.grad.cpu().numpy(), packed)
+        return [(float(loss.detach()), g) for loss, g in zip(losses, grads)]
+
+    def _optimize_batch(self, capture: batching.PerDeviceGrads | None, *, n_devices: int) -> None:
+        """No capture (per-batch): one AdamW step on the mean of the devices' summed gradients.
+        With one: one AdamW step per device's own gradient, in arrival order."""
         params = self.optimizer.param_groups[0]["params"]
         if capture is None:
             for p in params:
                 if p.grad is not None:
-                    p.grad /= len(steps)                                           # the mean of the devices' gradients
+                    p.grad /= n_devices
             self.optimizer.step()
-        else:
-            for grads in capture.grads(params):                                # one AdamW step per device, in order
-                for p, g in zip(params, grads):
-                    p.grad = g
-                self.optimizer.step()
-        grads = batching.unpack(h_k.grad.cpu().numpy(), packed)
-        return [(float(loss.detach()), g) for loss, g in zip(losses, grads)]
+            return
+        for grads in capture.grads(params):
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.optimizer.step()
 
     def _tensor(self, array: np.ndarray, dtype=np.float32) -> torch.Tensor:
         """A copy of `array` on the body's device (activations move once per step each way)."""
