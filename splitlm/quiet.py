@@ -28,8 +28,6 @@ DEPENDENCY_LOGGERS = ("torch.onnx._internal.exporter._registration", "bitsandbyt
 
 # (logger, start of the message): single log messages of a logger whose other messages still show.
 DEPENDENCY_LOG_MESSAGES = (
-    # bitsandbytes on CPU looks for an optional fused 4-bit kernel package and falls back to its own.
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
     # --body-quant int8: LLM.int8() quantizes float32 activations through float16, by design; said every step.
     ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from"),
 )
