@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def start_server(model: Path, args, extra: list[str]) -> tuple[subprocess.Popen,
                              "--steps-per-round", "1000000", "--max-clients", "16", "--no-status", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = next(m.group(1) for line in proc.stdout if (m := re.search(r"listening on (ws://\S+)", line)))
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # a line per step: a full pipe would stall it
     return proc, url
 
 
