@@ -25,14 +25,14 @@ TEXT = Path("/usr/share/common-licenses/GPL-3")
 BUNDLE = Path.home() / ".cache" / "splitlm" / "bundles" / "SmolLM2-135M-Instruct-k2-q4"
 
 
-def run(quant: str, args, out: Path) -> list[dict]:
+def run(quant: str, args, out: Path, data: Path) -> list[dict]:
     server = subprocess.Popen([*CLI, "serve", "default", "--cut", "2", "--port", "0", "--threads", "1", "--wire", "f16",
                                "--steps-per-round", str(args.steps), "--body-quant", quant, "--no-status",
                                "--out", str(out / quant)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = next(m.group(1) for line in server.stdout if (m := re.search(r"listening on (ws://\S+)", line)))
         metrics = out / f"{quant}.jsonl"
-        subprocess.run([*CLI, "edge", url, "--bundle", str(args.bundle), "--data", str(TEXT), "--steps", str(args.steps),
+        subprocess.run([*CLI, "edge", url, "--bundle", str(args.bundle), "--data", str(data), "--steps", str(args.steps),
                         "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", "1",
                         "--metrics-out", str(metrics)], check=True, capture_output=True)
     finally:
@@ -56,10 +56,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
+        data = out / "gpl-3.txt"  # the edge reads .txt or .jsonl, by suffix
+        data.write_text(TEXT.read_text())
         print(f"SmolLM2-135M-Instruct cut at 2, q4 bundle, {TEXT.name}, {args.steps} steps of "
               f"{args.batch_size} x {args.seq_len} tokens")
         for quant in args.quants:
-            rows = run(quant, args, out)
+            rows = run(quant, args, out, data)
             rows = [r for r in rows if r["loss"] is not None]
             losses = [r["loss"] for r in rows]
             first, last = np.mean(losses[:args.window]), np.mean(losses[-args.window:])
