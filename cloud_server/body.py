@@ -6,11 +6,21 @@ round end. So `save_adapter` writes one standard PEFT adapter for the whole mode
 
 A step, labels at the server:        h_K -> body -> loss -> backward -> AdamW -> dL/dh_K
 A step, labels on the device (U):    h_K -> body -> h_N ... dL/dh_N -> backward -> AdamW -> dL/dh_K
+Several devices' steps at once:      `step_batch` (see `batching` for the two optimizer semantics)
+
+Where the body lives (`BodyConfig.device`): the model, its adapters and AdamW's state are on that
+device; each step moves h_K (and mask, labels) there once and dL/dh_K back once. With
+`BodyConfig.quant` "nf4" or "int8" the frozen linears are bitsandbytes `Linear4bit` / `Linear8bitLt`
+(transformers' `BitsAndBytesConfig`; compute in float32) and LoRA trains on top (QLoRA); the
+embedding and LM head stay float32. The adapter a round writes loads with PEFT onto the base loaded
+with the same `quantization_config` (`quantization_config(quant)`), or onto the float model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +34,7 @@ from splitlm.export.graphs import causal_lm_loss
 from splitlm.manifest import model_folder_hash
 from splitlm.protocol import Hello
 
+from . import batching
 from .state import StateError
 
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])\.default\.weight$")
@@ -41,6 +52,48 @@ class BodyConfig:
     full: bool = False              # train every body parameter instead of LoRA
     seed: int = 0                   # body LoRA init
     device: str = "auto"            # "auto": CUDA when torch sees a GPU, else the CPU
+    quant: str = "none"             # the frozen body: "none" (float32), "nf4" or "int8" (bitsandbytes)
+
+
+BODY_QUANTS = ("none", "nf4", "int8")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto": the first CUDA GPU when torch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def quantization_config(quant: str):
+    """The transformers `BitsAndBytesConfig` of a --body-quant preset (None for "none")."""
+    from transformers import BitsAndBytesConfig
+
+    if quant == "nf4":  # QLoRA's NF4, double quantization of the scales, float32 compute
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+    if quant == "int8":  # LLM.int8(): 8-bit weights, outlier features (> 6) in 16-bit
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_body_model(model: str, *, quant: str, device: torch.device) -> tuple[torch.nn.Module, Path]:
+    """The whole causal LM, frozen, in eval mode; its linears quantized per `quant`, and then (bitsandbytes
+    quantizes while it places the weights) already on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    from splitlm.export.bundle import load_config, resolve_model_path
+
+    if quant not in BODY_QUANTS:
+        raise ValueError(f"body quant: expected one of {BODY_QUANTS}, got {quant!r}")
+    if quant == "none":  # loaded on the CPU, moved with its LoRA (drawn from the CPU generator on any device)
+        return load_model(model)
+    path = resolve_model_path(model)
+    load_config(path)
+    loaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
+                                                  quantization_config=quantization_config(quant),
+                                                  device_map={"": "cpu" if device.type == "cpu" else device.index or 0})
+    return loaded.eval().requires_grad_(False), path
 
 
 @dataclass(frozen=True)
@@ -62,7 +115,10 @@ class Body:
     def __init__(self, cfg: BodyConfig):
         from peft import LoraConfig, get_peft_model
 
-        model, path = load_model(cfg.model)
+        if cfg.quant != "none" and cfg.full:  # checked by the CLI before the model is loaded, too
+            raise ValueError("--full trains every body weight; a quantized body (--body-quant) cannot be trained")
+        self.device = resolve_device(cfg.device)
+        model, path = load_body_model(cfg.model, quant=cfg.quant, device=self.device)
         self.cfg, self.path = cfg, path
         self.model_hash = model_folder_hash(path)
         family = Arch.of(model).family
@@ -71,11 +127,9 @@ class Body:
         self.hidden_size = model.config.hidden_size
         torch.manual_seed(cfg.seed)
         peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                 target_modules=list(self.targets), fan_in_fan_out=family == "gpt2")
-        self.peft = get_peft_model(model, peft_config)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if cfg.device == "auto" else cfg.device)
-        self.peft.to(self.device)
+                                 target_modules=list(self.targets),
+                                 fan_in_fan_out=family == "gpt2" and cfg.quant == "none")  # bnb turns Conv1D into Linear
+        self.peft = get_peft_model(model, peft_config).to(self.device)  # the new LoRA tensors too
         self.arch = Arch.of(self.peft.base_model.model)
         self.optimizer = torch.optim.AdamW(self._trainable(), lr=cfg.lr, weight_decay=0.0)
 
@@ -116,6 +170,40 @@ class Body:
         loss = causal_lm_loss(self.arch.logits(h_n), self._tensor(labels, np.int64), mask_t)
         self._update(lambda: loss.backward())
         return float(loss.detach()), h_k.grad.cpu().numpy()
+
+    def step_batch(self, steps: Sequence[batching.StepInput], *, per_device: bool) -> list[tuple[float, np.ndarray]]:
+        """Labels at the server, several devices' steps as one body batch: (loss, dL/dh_K) per step,
+        each as that step alone would get at these weights. `per_device`: one AdamW step per device
+        (arrival order) on its own gradient; else one AdamW step on the mean of the devices' gradients."""
+        packed = batching.pack(steps)
+        h_k = self._tensor(packed.hidden).requires_grad_(True)                 # (sum B, T_max, H)
+        mask_t = self._tensor(packed.mask, np.int64)                           # (sum B, T_max), 0 on padding
+        labels_t = self._tensor(packed.labels, np.int64)
+        capture = batching.PerDeviceGrads(self.peft, packed.rows) if per_device else None
+        with capture or contextlib.nullcontext():
+            h_n = self.arch.run_blocks(h_k, mask_t, self.cfg.cut, self.num_layers)
+            logits = self.arch.logits(h_n)                                     # (sum B, T_max, V)
+            losses = [causal_lm_loss(logits[a:b], labels_t[a:b], mask_t[a:b]) for a, b in packed.rows]
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()  # device i's rows of h_k.grad are dL_i/dh_K: losses are apart
+        self._optimize_batch(capture, n_devices=len(steps))
+        grads = batching.unpack(h_k.grad.cpu().numpy(), packed)
+        return [(float(loss.detach()), g) for loss, g in zip(losses, grads)]
+
+    def _optimize_batch(self, capture: batching.PerDeviceGrads | None, *, n_devices: int) -> None:
+        """No capture (per-batch): one AdamW step on the mean of the devices' summed gradients.
+        With one: one AdamW step per device's own gradient, in arrival order."""
+        params = self.optimizer.param_groups[0]["params"]
+        if capture is None:
+            for p in params:
+                if p.grad is not None:
+                    p.grad /= n_devices
+            self.optimizer.step()
+            return
+        for grads in capture.grads(params):
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.optimizer.step()
 
     def _tensor(self, array: np.ndarray, dtype=np.float32) -> torch.Tensor:
         """A copy of `array` on the body's device (activations move once per step each way)."""
@@ -176,7 +264,8 @@ class Body:
         with torch.no_grad():
             for n, p in zip(names, self.optimizer.param_groups[0]["params"]):
                 p.copy_(tensors[f"body.{n}"])
-        state = {i: {k: tensors[f"adam.{n}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+        # copies: AdamW updates its state in place, and `tensors` may be restored from again
+        state = {i: {k: tensors[f"adam.{n}.{k}"].clone() for k in ("step", "exp_avg", "exp_avg_sq")}
                  for i, n in enumerate(names) if f"adam.{n}.step" in tensors}
         self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
 

@@ -2,7 +2,9 @@
 averaged every R steps.
 
 Body steps run on one worker thread, one at a time in arrival order, so pings and other clients
-keep flowing while the body computes. A U-shape step holds the body from `forward` to `tail_grad`
+keep flowing while the body computes. With batching (`BatchConfig.wait_s` > 0) labels-at-server
+steps from different clients that arrive within that bound run as one body batch (`step_queue`,
+`batching`); U-shape steps stay one at a time. A U-shape step holds the body from `forward` to `tail_grad`
 (no other step may move the weights in between); a client that vanishes or stalls mid-step loses
 that step, releases the body, and nobody else is disturbed.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +33,11 @@ from splitlm.errors import BadMessage
 from splitlm.protocol import (Adapter, AdapterGlobal, Backward, Forward, Hello, Hidden, Limits, TailGrad, Welcome)
 
 from .aggregate import apply_delta, subtract
+from .batching import StepInput
 from .body import Body, PendingStep
 from .state import (STATE_FILE, Progress, Resume, ServerState, StateError, describe_resume, save_state,
                     server_resume)
+from .step_queue import BatchConfig, StepQueue
 from .strategy import Conn, Rounds, ServeConfig, Strategy
 from .writer import RoundWriter
 
@@ -46,8 +51,10 @@ def frame_limit(cfg: ServeConfig, hidden_size: int) -> int:
 class SplitStrategy(Strategy):
     mode = "split"
 
-    def __init__(self, body: Body, cfg: ServeConfig, *, log=print):
+    def __init__(self, body: Body, cfg: ServeConfig, *, batching: BatchConfig = BatchConfig(), log=print):
         super().__init__(cfg, log=log)
+        if batching.wait_s > 0 and batching.optimizer == "per-device" and body.cfg.full:
+            raise ValueError("per-device batching recovers LoRA gradients per device; with --full use per-batch")
         self.body = body
         self.limits = Limits(max_frame_bytes=max(frame_limit(cfg, body.hidden_size), cfg.max_chunk_bytes + (1 << 20)),
                              hidden_size=body.hidden_size, max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len)
@@ -64,6 +71,10 @@ class SplitStrategy(Strategy):
             self.global_head = dict(self._initial_head)  # the reference updates are measured from, sent in the welcome
         self._body_lock = asyncio.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body")
+        self.batching = batching
+        self.steps = (StepQueue(self._body_batch, lock=self._body_lock, cfg=batching,
+                                 expected=lambda: max(len(self.conns), cfg.min_clients))
+                      if batching.wait_s > 0 and body.cfg.labels == "server" else None)
         self.stopping = False
 
     @property
@@ -80,7 +91,11 @@ class SplitStrategy(Strategy):
 
     def describe(self) -> str:
         b = self.body.cfg
-        return f"model {self.body.path.name}, split at {b.cut}, labels at the {b.labels}, wire {self.cfg.codec}"
+        body = f"body on {self.body.device}" + ("" if b.quant == "none" else f" in {b.quant}")
+        batches = (f", batches of up to {self.batching.max_devices} devices within {self.batching.wait_s * 1000:g} ms "
+                   f"({self.batching.optimizer} optimizer steps)" if self.steps is not None else "")
+        return (f"model {self.body.path.name}, split at {b.cut}, labels at the {b.labels}, wire {self.cfg.codec}, "
+                f"{body}{batches}")
 
     # ------------------------------------------------------------------ joining
 
@@ -131,9 +146,20 @@ class SplitStrategy(Strategy):
                 raise
             self.pending[conn.client_id] = (msg.step, pending)
             return [Hidden(step=msg.step, hidden=h_n)]
-        async with self._body_lock:
-            loss, grad = await self._run(self.body.step, msg.hidden, msg.attention_mask, msg.labels)
+        if self.steps is not None:
+            loss, grad = await self.steps.submit(StepInput(msg.hidden, msg.attention_mask, msg.labels))
+        else:
+            async with self._body_lock:
+                loss, grad = await self._run(self.body.step, msg.hidden, msg.attention_mask, msg.labels)
         return [self._finish_step(conn, loss, grad)]
+
+    async def _body_batch(self, steps: list[StepInput]) -> list[tuple[float, np.ndarray]]:
+        """Under the body lock: one device alone is the plain step, several are one body batch."""
+        if len(steps) == 1:
+            s = steps[0]
+            return [await self._run(self.body.step, s.hidden, s.mask, s.labels)]
+        per_device = self.batching.optimizer == "per-device"
+        return await self._run(partial(self.body.step_batch, steps, per_device=per_device))
 
     async def on_tail_grad(self, conn: Conn, msg: TailGrad) -> list:
         step, pending = self.pending.get(conn.client_id, (None, None))
@@ -259,6 +285,8 @@ class SplitStrategy(Strategy):
 
     async def stop(self) -> None:
         """A clean shutdown: write the state once no body step is in flight, and wait for the writer."""
+        if self.steps is not None:
+            self.steps.close()
         async with self._body_lock:
             body_state = await self._run(
                 lambda: self.body.training_state() if self.cfg.save_state and self.cfg.out is not None else None)

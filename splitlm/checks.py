@@ -47,6 +47,7 @@ def _serve(args) -> None:
         if getattr(args, option):
             _file(f"--{option}", getattr(args, option))
     _trust(args)
+    _serve_scale(args)
 
 
 def _trust(args) -> None:
@@ -86,6 +87,23 @@ def is_loopback(host: str) -> bool:
     except OSError:
         return False
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _serve_scale(args) -> None:
+    """--device, --body-quant and --batch-*: the split body's options, and what they cannot be combined with."""
+    if (args.device != "auto" or args.body_quant != "none" or args.batch_wait_ms > 0) and args.mode != "split":
+        raise SplitLMError(f"--device/--body-quant/--batch-wait-ms: for the split body so far, not --mode {args.mode}")
+    if args.body_quant != "none" and args.full:
+        raise SplitLMError(f"--body-quant {args.body_quant}: the quantized body is frozen, --full trains every body weight")
+    if args.batch_wait_ms < 0:
+        raise SplitLMError(f"--batch-wait-ms: expected >= 0 (0: no batching), got {args.batch_wait_ms}")
+    _at_least(args, batch_max_devices=1)
+    if args.batch_wait_ms > 0 and args.labels == "device":
+        raise SplitLMError("--batch-wait-ms: U-shape steps (--labels device) hold the body from forward to tail_grad "
+                           "and run one at a time; batching is for --labels server so far")
+    if args.batch_wait_ms > 0 and args.batch_optimizer == "per-device" and args.full:
+        raise SplitLMError("--batch-optimizer per-device: per-device gradients are recovered for LoRA only; "
+                           "with --full use --batch-optimizer per-batch")
 
 
 def _edge(args) -> None:

@@ -80,6 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if args.resume and (out is None or not (out / STATE_FILE).is_file()):  # say so before loading the model
         where = "no --out given" if out is None else f"no {STATE_FILE} in {out}"
         raise SplitLMError(f"--resume: {where}; the state is written under --out at each round end and on shutdown")
+    _check_serve_hardware(args)
     role = f"its blocks from {args.cut} on" if args.mode == "split" else f"the global model ({args.mode})"
     print(f"loading {args.model}; this server runs {role} ...", flush=True)
     if args.threads > 0:
@@ -157,16 +158,35 @@ def _cmd_certs(args: argparse.Namespace) -> None:
           f"keep {paths['ca'].with_suffix('.key')} off the server: it can sign certificates for any name")
 
 
+def _check_serve_hardware(args: argparse.Namespace) -> None:
+    """--device cuda needs a GPU torch sees, --body-quant needs bitsandbytes: said before the model loads."""
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SplitLMError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch==2.13.0, see README)")
+    if args.body_quant != "none":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SplitLMError(f"--body-quant {args.body_quant}: bitsandbytes is not installed "
+                               "(pip install -e '.[server]')")
+
+
 def _strategy(args: argparse.Namespace, cfg, log):
     targets = tuple(args.lora_targets or ()) or None
     if args.mode == "split":
         from splitlm.cloud_server.body import Body, BodyConfig
         from splitlm.cloud_server.split import SplitStrategy
 
+        from splitlm.cloud_server.step_queue import BatchConfig
+
         body = Body(BodyConfig(model=args.model, cut=args.cut, labels=args.labels, lora_rank=args.lora_rank,
                                lora_alpha=args.lora_alpha, lora_targets=targets, lr=args.lr, full=args.full,
-                               seed=args.seed))
-        return SplitStrategy(body, cfg, log=log)
+                               seed=args.seed, device=args.device, quant=args.body_quant))
+        batching = BatchConfig(wait_s=args.batch_wait_ms / 1000, max_devices=args.batch_max_devices,
+                               optimizer=args.batch_optimizer)
+        return SplitStrategy(body, cfg, batching=batching, log=log)
     from splitlm.cloud_server.global_model import GlobalConfig, GlobalModel
 
     model = GlobalModel(GlobalConfig(model=args.model, train=args.train, lora_rank=args.lora_rank,
@@ -377,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="U-shape: how long a step holds the body waiting for the device's tail_grad")
     t.add_argument("--max-connections", type=int, default=64, help="open connections, handshakes included")
     t.add_argument("--max-attempts", type=int, default=120, help="connection attempts per address per minute")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
+                   help="split: where the body, its adapters and optimizer live (auto: cuda when torch sees a GPU)")
+    p.add_argument("--body-quant", default="none", choices=("none", "nf4", "int8"),
+                   help="split: the frozen body in 4-bit NF4 or 8-bit through bitsandbytes, LoRA on top (QLoRA)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="split, labels at the server: run steps from different devices that arrive within this many "
+                        "ms as one body batch (0: one step at a time)")
+    p.add_argument("--batch-max-devices", type=int, default=8, help="a batch closes at once with this many devices")
+    p.add_argument("--batch-optimizer", default="per-device", choices=("per-device", "per-batch"),
+                   help="per-device: one AdamW step per device's gradient (all taken at the batch's weights); "
+                        "per-batch: one AdamW step on the mean of the devices' gradients")
     p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)")

@@ -33,6 +33,7 @@ examples:
   splitlm serve default --mode fedavg --rounds 3 --local-steps 10 --min-clients 2 --out runs
   splitlm serve default --cut 2 --host 0.0.0.0 --auth auth --tls-cert tls/server.pem --tls-key tls/server.key
   splitlm serve default --mode fedavg --rounds 3 --clip-norm 1 --aggregate trimmed:0.2 --out runs
+  splitlm serve default --cut 2 --device cuda --body-quant nf4 --batch-wait-ms 20 --out runs
 
 each round writes OUT/round-NNNN/adapter, a PEFT adapter of the whole model. Beyond loopback the
 server needs TLS and --auth (`splitlm certs`, `splitlm enroll`), or --insecure.""",

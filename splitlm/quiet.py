@@ -26,6 +26,21 @@ DEPENDENCY_WARNINGS = (
 # kernels-community"); its own CPU kernels run instead.
 DEPENDENCY_LOGGERS = ("torch.onnx._internal.exporter._registration", "bitsandbytes.backends.cpu.ops")
 
+# (logger, start of the message): single log messages of a logger whose other messages still show.
+DEPENDENCY_LOG_MESSAGES = (
+    # --body-quant int8: LLM.int8() quantizes float32 activations through float16, by design; said every step.
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from"),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
 
 def quiet_dependencies() -> None:
     """Install the filters above; call before the dependencies are imported. Idempotent."""
@@ -33,6 +48,10 @@ def quiet_dependencies() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in DEPENDENCY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, start in DEPENDENCY_LOG_MESSAGES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))
     # transformers' "Loading weights" bar: a flash of carriage returns in every log; we say
     # "loading ..." ourselves. A user who wants it back sets HF_HUB_DISABLE_PROGRESS_BARS=0.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -87,4 +87,4 @@ def test_one_client_matches_a_centralized_fine_tune(split_setup, data_dir, tmp_p
     np.testing.assert_allclose(split, central, rtol=1e-3)
     assert central[-1] < central[0] - 0.1, "the fine-tune should visibly learn in 20 steps"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["round-0000", "round-0001",
-                                                                    "server-state.safetensors"]
+                                                                    "server-state.safetensors", "steps.jsonl"]
