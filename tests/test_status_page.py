@@ -23,7 +23,7 @@ from .conftest import ServerProcess, edge_cmd
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 STEPS, PER_ROUND = 20, 10
-HOLD_S = 15  # the first round waits this long for a third device that never comes: the page sees a run mid-way
+HOLD_S = 8  # the first round waits this long for a third device that never comes: the page sees a run mid-way
 IDS = ("dev-a", "<i>dev-b</i>")  # the second id is markup: the page must show it as text
 
 

@@ -136,16 +136,6 @@ def test_plain_ws_to_the_tls_server_is_refused_with_a_hint(trusted):
     assert "did not answer in plain HTTP: it probably speaks TLS; connect with wss://" in done.stderr, done.stderr
 
 
-def test_an_address_over_its_attempt_rate_is_turned_away(trusted):
-    """--max-attempts 20: 127.0.0.2 (also loopback) burns its budget; 127.0.0.1, alice's, is untouched."""
-    t0 = time.monotonic()
-    for _ in range(20):
-        refused_with(trusted, 401, "no Authorization header", source_address=("127.0.0.2", 0))
-    assert time.monotonic() - t0 < 55, "too slow to fill the 60 s window on this machine"
-    refused_with(trusted, 429, "too many connection attempts from 127.0.0.2: 20 in the last 60 s",
-                 source_address=("127.0.0.2", 0))
-
-
 def test_a_public_listen_without_tls_and_auth_needs_insecure(tiny_llama, tmp_path):
     done = run_cli("serve", str(tiny_llama), "--cut", "2", "--host", "0.0.0.0", "--port", "0", timeout=60)
     assert done.returncode == 2
