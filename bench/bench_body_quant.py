@@ -11,8 +11,6 @@ time for each body, and where the round adapter went.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -26,19 +24,13 @@ BUNDLE = Path.home() / ".cache" / "splitlm" / "bundles" / "SmolLM2-135M-Instruct
 
 
 def run(quant: str, args, out: Path, data: Path) -> list[dict]:
-    server = subprocess.Popen([*CLI, "serve", "default", "--cut", "2", "--port", "0", "--threads", "1", "--wire", "f16",
-                               "--steps-per-round", str(args.steps), "--body-quant", quant, "--no-status",
-                               "--out", str(out / quant)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = next(m.group(1) for line in server.stdout if (m := re.search(r"listening on (ws://\S+)", line)))
-        metrics = out / f"{quant}.jsonl"
-        subprocess.run([*CLI, "edge", url, "--bundle", str(args.bundle), "--data", str(data), "--steps", str(args.steps),
-                        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", "1",
-                        "--metrics-out", str(metrics)], check=True, capture_output=True)
-    finally:
-        server.terminate()
-        server.wait()
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    from bench_split import serve_and_train  # bench/ is on sys.path when this runs as a script
+
+    return serve_and_train(["default", "--cut", "2", "--threads", "1", "--wire", "f16", "--steps-per-round",
+                            str(args.steps), "--body-quant", quant, "--no-status", "--out", str(out / quant)],
+                           ["--bundle", str(args.bundle), "--data", str(data), "--steps", str(args.steps),
+                            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", "1"],
+                           out / f"{quant}.jsonl")
 
 
 def main() -> None:

@@ -31,20 +31,26 @@ CLI = [sys.executable, "-m", "splitlm.cli"]
 TEXT = Path("/usr/share/common-licenses/GFDL-1.3")
 
 
-def split_run(model: Path, bundle: Path, data: Path, args, out: Path) -> list[dict]:
-    server = subprocess.Popen([*CLI, "serve", str(model), "--cut", str(args.cut), "--port", "0", "--threads", "1",
-                               "--wire", args.wire, "--steps-per-round", "1000"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def serve_and_train(serve: list[str], edge: list[str], metrics: Path) -> list[dict]:
+    """`splitlm serve SERVE... --port 0`, one `splitlm edge URL EDGE... --metrics-out METRICS` against it,
+    then the server stopped; the device's per-step records."""
+    server = subprocess.Popen([*CLI, "serve", *serve, "--port", "0"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     try:
         url = next(m.group(1) for line in server.stdout if (m := re.search(r"listening on (ws://\S+)", line)))
-        metrics = out / "split.jsonl"
-        subprocess.run([*CLI, "edge", url, "--bundle", str(bundle), "--data", str(data), "--steps", str(args.steps),
-                        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", "1",
-                        "--metrics-out", str(metrics)], check=True, capture_output=True)
+        subprocess.run([*CLI, "edge", url, *edge, "--metrics-out", str(metrics)], check=True, capture_output=True)
     finally:
         server.terminate()
         server.wait()
     return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def split_run(model: Path, bundle: Path, data: Path, args, out: Path) -> list[dict]:
+    return serve_and_train([str(model), "--cut", str(args.cut), "--threads", "1", "--wire", args.wire,
+                            "--steps-per-round", "1000"],
+                           ["--bundle", str(bundle), "--data", str(data), "--steps", str(args.steps), "--batch-size",
+                            str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", "1"],
+                           out / "split.jsonl")
 
 
 def centralized_step_s(model: Path, bundle: Bundle, data: Dataset, steps: int) -> list[float]:

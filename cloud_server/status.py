@@ -154,7 +154,7 @@ def respond(connection, request, board: Board, strategy):
         return None
     snap = board.snapshot(strategy)
     if path == "/status.json":
-        body, ctype = json.dumps(snap, allow_nan=False, default=_finite).encode(), "application/json"
+        body, ctype = json.dumps(snap, allow_nan=False).encode(), "application/json"
     else:
         body, ctype = render(snap).encode(), "text/html; charset=utf-8"
     response = connection.respond(HTTPStatus.OK, "")
@@ -164,10 +164,6 @@ def respond(connection, request, board: Board, strategy):
         response.headers[name] = value
     response.body = body
     return response
-
-
-def _finite(x):
-    raise TypeError(f"not JSON: {type(x).__name__}")
 
 
 # ---------------------------------------------------------------- HTML

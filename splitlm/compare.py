@@ -198,17 +198,18 @@ def bundle_cache(cfg: CompareConfig) -> Path:
     return cache_dir() / "compare-bundles"
 
 
-def export_args(spec: RunSpec, cfg: CompareConfig) -> list[str]:
-    args = ["--mode", spec.mode, "--quant", cfg.quant, "--max-length", str(cfg.max_length)]
-    if spec.mode == "split":
-        args += ["--cut", str(spec.cut), "--labels", spec.labels]
-    else:
-        args += ["--train", spec.train]
+def mode_args(spec: RunSpec, cfg: CompareConfig) -> list[str]:
+    """What export and serve must agree on: the cut and label placement, or what is trained; k; the rank."""
+    args = ["--cut", str(spec.cut), "--labels", spec.labels] if spec.mode == "split" else ["--train", spec.train]
     if spec.mode == "distill":
         args += ["--topk", str(cfg.topk)]
     if spec.train == "lora":
         args += ["--lora-rank", str(spec.rank)]
     return args
+
+
+def export_args(spec: RunSpec, cfg: CompareConfig) -> list[str]:
+    return ["--mode", spec.mode, "--quant", cfg.quant, "--max-length", str(cfg.max_length), *mode_args(spec, cfg)]
 
 
 def bundle_key(spec: RunSpec, cfg: CompareConfig, model_hash: str) -> str:
@@ -246,15 +247,7 @@ def serve_args(spec: RunSpec, cfg: CompareConfig, out: Path) -> list[str]:
             "--min-clients", str(cfg.clients), "--wire", cfg.wire, "--update-wire", cfg.update_wire,
             "--lr", str(cfg.lr), "--out", str(out), "--port", "0", "--threads", "1", "--max-batch",
             str(max(16, cfg.batch_size)), "--seed", "0"]
-    if spec.mode == "split":
-        args += ["--cut", str(spec.cut), "--labels", spec.labels]
-    else:
-        args += ["--train", spec.train]
-    if spec.mode == "distill":
-        args += ["--topk", str(cfg.topk)]
-    if spec.train == "lora":
-        args += ["--lora-rank", str(spec.rank)]
-    return args
+    return args + mode_args(spec, cfg)
 
 
 def edge_args(spec: RunSpec, cfg: CompareConfig, bundle: Path, shard: Path, i: int, metrics: Path) -> list[str]:
@@ -357,7 +350,7 @@ def watch(procs: list[subprocess.Popen], metrics: list[Path], *, spec: RunSpec, 
 
 def where(path: Path, spec: RunSpec, cfg: CompareConfig) -> str:
     """'round r/R, step s, loss L' of one client, from its metrics file so far."""
-    from splitlm.compare_report import read_jsonl
+    from splitlm.demo import read_jsonl
 
     rows = read_jsonl(path)
     steps = [r for r in rows if r.get("phase") in (None, "local", "kd")]

@@ -35,17 +35,10 @@ import csv
 import json
 from pathlib import Path
 
+from splitlm.demo import read_jsonl
+
 SUMMED = ("bytes_up", "bytes_down", "cpu_s", "compute_s", "wall_s")
 STEP_PHASES = (None, "local", "kd")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete JSON lines of a file that may be half written (or absent)."""
-    try:
-        lines = path.read_text().split("\n")[:-1]
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in lines if line]
 
 
 # ---------------------------------------------------------------- a client's rounds

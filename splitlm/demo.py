@@ -145,7 +145,7 @@ def watch_clients(procs: list[subprocess.Popen], metrics: list[Path], *, total: 
     last, said_at = None, time.monotonic()
     while any(p.poll() is None for p in procs):
         time.sleep(0.2)
-        rows = [_metrics(path) for path in metrics]
+        rows = [read_jsonl(path) for path in metrics]
         now = [len(r) for r in rows]
         if now != last and time.monotonic() - said_at >= every_s:
             print("training: " + "; ".join(_where(i, r, total) for i, r in enumerate(rows)), flush=True)
@@ -156,8 +156,8 @@ def _where(i: int, rows: list[dict], total: int) -> str:
     return f"client-{i} step {len(rows)}/{total}" + (f" loss {rows[-1]['loss']:.2f}" if rows else "")
 
 
-def _metrics(path: Path) -> list[dict]:
-    """The complete JSON lines of a metrics file that may be half written."""
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete JSON lines of a file that may be half written (or absent): a metrics file mid-run."""
     try:
         lines = path.read_text().split("\n")[:-1]
     except FileNotFoundError:
