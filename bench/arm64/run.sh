@@ -37,19 +37,25 @@ t0=$SECONDS
 "$HERE/bootstrap.sh" "$ROOT"
 say "userland ready ($((SECONDS - t0)) s)"
 
-# 2. arm64 wheels of splitlm[edge], resolved on this host; splitlm itself is pure Python
+# 2. arm64 wheels of splitlm[edge], resolved on this host from the splitlm wheel's own metadata
+#    (pyproject's [edge] extra is the one list); splitlm itself is pure Python. The cache is
+#    checked offline first and topped up online only when it lacks something the extra needs.
 mkdir -p "$WHEELS" "$WORK"
-if ! ls "$WHEELS"/onnxruntime-*aarch64*.whl >/dev/null 2>&1; then
-  "$PY" -m pip download -q --dest "$WHEELS" --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \
-    --platform manylinux2014_aarch64 --only-binary=:all: --python-version 3.11 \
-    "onnxruntime>=1.20" "numpy>=1.24" "tokenizers>=0.15" "websockets>=12" "msgpack>=1.0" "tqdm>=4.60"
-fi
 BUILD=$(mktemp -d)
 trap 'rm -rf "$BUILD"' EXIT
 cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/splitlm" "$REPO/protocol" "$REPO/edge_client" \
-  "$REPO/cloud_server" "$REPO/export" "$BUILD/"
+  "$REPO/cloud_server" "$REPO/export" "$REPO/audit" "$BUILD/"
 rm -f "$WHEELS"/splitlm-*.whl
 "$PY" -m pip wheel -q --no-deps -w "$WHEELS" "$BUILD" >/dev/null  # setuptools from PyPI, isolated
+SPLITLM_WHL=$(ls "$WHEELS"/splitlm-*.whl)
+ARM_PLATFORM=(--platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64
+              --only-binary=:all: --python-version 3.11)
+if ! "$PY" -m pip download -q --no-index --find-links "$WHEELS" --dest "$BUILD/check" "${ARM_PLATFORM[@]}" \
+     "splitlm[edge] @ file://$SPLITLM_WHL" >/dev/null 2>&1; then
+  say "fetching the arm64 wheels splitlm[edge] needs"
+  "$PY" -m pip download -q --find-links "$WHEELS" --dest "$WHEELS" "${ARM_PLATFORM[@]}" \
+    "splitlm[edge] @ file://$SPLITLM_WHL"
+fi
 
 # 3. mounts: /proc with a Raspberry Pi 4's cpuinfo over it (onnxruntime's cpuinfo segfaults under
 #    qemu 7.2 on the host's x86 one), the wheels and the work folder
