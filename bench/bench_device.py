@@ -109,12 +109,12 @@ def torch_times(fp32: Path, ids: np.ndarray) -> dict:
     return {"forward_ms": median_ms(forward), "train_ms": median_ms(train, REPEAT // 2)}
 
 
-def device_times(bundle_dir: Path, ids: np.ndarray) -> dict:
+def device_times(bundle_dir: Path, ids: np.ndarray, **runtime_options) -> dict:
     from splitlm.edge_client.optim import AdamW
     from splitlm.edge_client.runtime import HeadRuntime
     from splitlm.manifest import Bundle
 
-    rt = HeadRuntime(Bundle.open(bundle_dir, verify=False), threads=1)
+    rt = HeadRuntime(Bundle.open(bundle_dir, verify=False), threads=1, **runtime_options)
     mask = np.ones_like(ids)
     loras, optim = rt.bundle.lora_init(), AdamW(lr=1e-3)
     g = np.full((*ids.shape, rt.manifest.model.hidden_size), 1e-3, np.float32)
@@ -129,7 +129,8 @@ def device_times(bundle_dir: Path, ids: np.ndarray) -> dict:
 
 def memory_child(bundle_dir: str, mode: str, seq: int) -> dict:
     """mode: 'train' (forward + head_grad; labels at the server, so no tail session) or
-    'labels-device[-whole]' (forward, tail chunked or in one run, head_grad)."""
+    'labels-device[-whole]' (forward, tail chunked or in one run, head_grad); '-reuse': head_grad
+    with onnxruntime's buffer reuse on (the runtime's default before it was turned off there)."""
     import dataclasses
 
     from splitlm.edge_client.meter import rss_peak_mb
@@ -137,15 +138,17 @@ def memory_child(bundle_dir: str, mode: str, seq: int) -> dict:
     from splitlm.manifest import Bundle
 
     bundle = Bundle.open(bundle_dir, verify=False)
-    if mode == "train":
+    train = mode.startswith("train")
+    if train:
         bundle = Bundle(bundle.path, dataclasses.replace(bundle.manifest, labels="server"))
-    rt = HeadRuntime(bundle, threads=1, **({"tail_chunk": None} if mode.endswith("whole") else {}))
+    rt = HeadRuntime(bundle, threads=1, grad_mem_reuse=mode.endswith("-reuse"),
+                     **({"tail_chunk": None} if mode.endswith("whole") else {}))
     ids = np.random.default_rng(0).integers(0, rt.manifest.model.vocab_size, (1, seq), dtype=np.int64)
     mask, loras = np.ones_like(ids), rt.bundle.lora_init()
     peaks = []
     for _ in range(3):
         hidden = rt.forward(ids, mask, loras)  # (1, T, H)
-        grad = rt.tail(hidden, ids, mask)[1] if mode != "train" else np.full_like(hidden, 1e-3)
+        grad = rt.tail(hidden, ids, mask)[1] if not train else np.full_like(hidden, 1e-3)
         rt.lora_grads(ids, mask, grad, loras)
         peaks.append(rss_peak_mb())
     return {"peak_mb": peaks[-1], "first_step_mb": peaks[0]}
@@ -196,6 +199,11 @@ def main() -> None:
         result["device"][v] = r
         print(f"  {v:9s} {r['forward_ms']:6.1f} ms {r['forward_x']:7.2f}x {r['train_ms']:8.1f} ms "
               f"{r['train_x']:7.2f}x {r['step_gflop']:10.2f} {r['step_mb_moved']:13.0f}")
+    if "q4" in bundles:  # the same q4 step with head_grad's buffer reuse on, as before
+        r = device_times(bundles["q4"], ids, grad_mem_reuse=True)
+        r |= {"forward_x": base["forward_ms"] / r["forward_ms"], "train_x": base["train_ms"] / r["train_ms"]}
+        result["q4_grad_mem_reuse"] = r
+        print(f"  q4 with head_grad's buffer reuse on: train step {r['train_ms']:.1f} ms {r['train_x']:.2f}x")
     if args.ppl:
         from splitlm.export.bundle import load_model
         model, _ = load_model("default")
@@ -204,11 +212,14 @@ def main() -> None:
               ", ".join(f"{v} {100 * x:+.2f}%" for v, x in result["ppl"].items()))
     if not args.skip_memory and "q4" in bundles:
         q4 = bundles["q4"]
-        result["memory"] = {mode: memory(q4, mode) for mode in ("train", "labels-device-whole", "labels-device")}
+        modes = ("train", "train-reuse", "labels-device-whole", "labels-device", "labels-device-reuse")
+        result["memory"] = {mode: memory(q4, mode) for mode in modes}
         mem = result["memory"]
-        print(f"peak RSS, q4, batch 1 x 512, fresh process, after 3 steps: training step {mem['train']['peak_mb']:.0f} MB; "
+        print(f"peak RSS, q4, batch 1 x 512, fresh process, after 3 steps: training step {mem['train']['peak_mb']:.0f} MB "
+              f"({mem['train-reuse']['peak_mb']:.0f} MB with head_grad's buffer reuse); "
               f"labels on device {mem['labels-device-whole']['peak_mb']:.0f} MB with the tail in one run -> "
-              f"{mem['labels-device']['peak_mb']:.0f} MB chunked")
+              f"{mem['labels-device']['peak_mb']:.0f} MB chunked ({mem['labels-device-reuse']['peak_mb']:.0f} MB with "
+              f"head_grad's buffer reuse)")
         from splitlm.edge_client.fit import probe
         from splitlm.edge_client.runtime import TAIL_CHUNK
         predicted = probe(q4, seq=512, chunk=TAIL_CHUNK, threads=1).predict(1, 512, TAIL_CHUNK)
