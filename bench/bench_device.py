@@ -1,7 +1,7 @@
 """The device, measured in one run: speed against PyTorch, memory, and FLOPs/bytes per step.
 
     splitlm export default --cut 2 --quant fp32 --labels device --max-length 512 --out /tmp/smol-fp32-dev
-    python bench/bench_device.py /tmp/smol-fp32-dev [--variants fp32 q8 q4 int8 q4-acc4 q8-acc4] [--ppl]
+    python bench/bench_device.py /tmp/smol-fp32-dev [--variants fp32 q8 q4 int8 q4-acc4 q8-acc4] [--ppl] [--arena]
 
 The quantized bundles are derived from the fp32 one (its graphs through export/quantize.py, as
 `splitlm export --quant` does) and cached beside it. Everything runs on one thread (torch and
@@ -9,9 +9,12 @@ onnxruntime). Printed, each against a baseline measured in the same run:
 
   speed   head forward (batch 1 x 128) per variant vs PyTorch fp32 eager on the same head
           (transformers' modules with the LoRA inputs, no_grad); a training step (head forward +
-          head_grad + numpy AdamW) vs PyTorch forward + backward + AdamW on the same LoRA tensors
+          head_grad + numpy AdamW) vs PyTorch forward + backward + AdamW on the same LoRA tensors;
+          the q4 step again with head_grad's buffer reuse on; --arena: the device with
+          onnxruntime's memory arena on (fewer page faults, more memory held)
   memory  peak RSS (VmHWM) of fresh processes, batch 1 x 512: the q4 training step; labels on
-          the device (forward, tail, head_grad) with the tail in one run vs chunked
+          the device (forward, tail, head_grad) with the tail in one run vs chunked; each also
+          with head_grad's buffer reuse on (the runtime before it was turned off there)
   cost    FLOPs and bytes moved of one training step, counted from the graphs (export/cost.py)
   --ppl   perplexity change of each variant's head on Python's LICENSE text (export/fidelity.py)
 
@@ -174,6 +177,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--ppl", action="store_true", help="also the perplexity change of each variant (slow)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--arena", action="store_true",
+                    help="speed with onnxruntime's memory arena and pattern on (the runtime's mem_arena=True): "
+                         "no fresh pages per run, more memory held")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=512, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,14 +190,15 @@ def main() -> None:
 
     bundles = {v: derive(args.fp32, v) for v in args.variants}
     ids = np.random.default_rng(0).integers(0, 49152, (1, SEQ), dtype=np.int64)
-    result = {"torch": torch_times(args.fp32, ids), "device": {}}
+    result = {"torch": torch_times(args.fp32, ids), "device": {}, "mem_arena": args.arena}
     base = result["torch"]
-    print(f"one thread, batch 1 x {SEQ}; PyTorch fp32 eager: head forward {base['forward_ms']:.1f} ms, "
+    arena = ", onnxruntime arena on" if args.arena else ""
+    print(f"one thread, batch 1 x {SEQ}{arena}; PyTorch fp32 eager: head forward {base['forward_ms']:.1f} ms, "
           f"forward + backward + AdamW {base['train_ms']:.1f} ms")
     print(f"  {'variant':9s} {'forward':>9s} {'vs torch':>8s} {'train step':>11s} {'vs torch':>8s} "
           f"{'GFLOP/step':>10s} {'MB moved/step':>13s}")
     for v, path in bundles.items():
-        r = device_times(path, ids)
+        r = device_times(path, ids, mem_arena=args.arena)
         cost = step_cost(path, batch=1, seq=SEQ)
         r |= {"forward_x": base["forward_ms"] / r["forward_ms"], "train_x": base["train_ms"] / r["train_ms"],
               "step_gflop": cost.flops / 1e9, "step_mb_moved": cost.bytes_moved / 1e6,
@@ -200,7 +207,7 @@ def main() -> None:
         print(f"  {v:9s} {r['forward_ms']:6.1f} ms {r['forward_x']:7.2f}x {r['train_ms']:8.1f} ms "
               f"{r['train_x']:7.2f}x {r['step_gflop']:10.2f} {r['step_mb_moved']:13.0f}")
     if "q4" in bundles:  # the same q4 step with head_grad's buffer reuse on, as before
-        r = device_times(bundles["q4"], ids, grad_mem_reuse=True)
+        r = device_times(bundles["q4"], ids, grad_mem_reuse=True, mem_arena=args.arena)
         r |= {"forward_x": base["forward_ms"] / r["forward_ms"], "train_x": base["train_ms"] / r["train_ms"]}
         result["q4_grad_mem_reuse"] = r
         print(f"  q4 with head_grad's buffer reuse on: train step {r['train_ms']:.1f} ms {r['train_x']:.2f}x")
