@@ -104,3 +104,21 @@ def test_a_q4_runtime_shares_its_4bit_embedding_and_matches_plain_sessions(tiny_
                                                   {"hidden": g, "labels": ids, "attention_mask": mask})
     assert loss == pytest.approx(float(want_loss), rel=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_head_grad_frees_buffers_early_and_gives_the_same_gradients(tiny_bundle):
+    from splitlm.edge_client.runtime import HeadRuntime
+
+    bundle = tiny_bundle("device")
+    lean, reusing = HeadRuntime(bundle, threads=1), HeadRuntime(bundle, threads=1, grad_mem_reuse=True)
+    assert not lean.head_grad.get_session_options().enable_mem_reuse  # the step's peak is here
+    assert lean.head.get_session_options().enable_mem_reuse           # the forward keeps its speed
+    assert reusing.head_grad.get_session_options().enable_mem_reuse
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, bundle.manifest.model.vocab_size, (2, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    loras = {n: (rng.standard_normal(s) * 0.1).astype(np.float32) for n, s in bundle.manifest.lora.tensors.items()}
+    g = rng.standard_normal((2, 16, bundle.manifest.model.hidden_size)).astype(np.float32)
+    want = reusing.lora_grads(ids, mask, g, loras)
+    for name, got in lean.lora_grads(ids, mask, g, loras).items():
+        np.testing.assert_array_equal(got, want[name])
