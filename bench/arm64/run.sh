@@ -9,7 +9,10 @@
 # Needs: apt-get install -y debootstrap qemu-user-static binfmt-support; a host Python with
 # splitlm[all] ($PY, default the repo's .venv); a cgroup v1 memory controller at
 # /sys/fs/cgroup/memory. Settings (env): STEPS (3), MEM_MB (512), TOL (1e-3), ARM64_CACHE
-# (/var/cache/splitlm: the userland, wheels and tiny bundle are cached there).
+# (/var/cache/splitlm: the userland, wheels and tiny bundle are cached there), CLIENT_TIMEOUT
+# (1800 s for the emulated client). MODEL and BUNDLE (both or neither): serve MODEL and train
+# BUNDLE (copied into the cache; a split bundle with labels on the device) instead of the tests'
+# tiny Llama, e.g. MODEL=default BUNDLE=/tmp/smol-fp32-dev.q4.
 # Last line: one JSON object (ok, losses, max_loss_diff, peak RSS, step time). Exit status 1 when
 # the losses differ or the cap was hit (an OOM kill in the cgroup, or the client failing).
 set -euo pipefail
@@ -25,12 +28,17 @@ TOL=${TOL:-1e-3}
 PY=${PY:-$REPO/.venv/bin/python}
 CG=/sys/fs/cgroup/memory/splitlm-arm64
 export OMP_NUM_THREADS=1
+CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-1800}
+MODEL=${MODEL:-}
+BUNDLE=${BUNDLE:-}
 EDGE_ARGS=(--steps "$STEPS" --batch-size 2 --seq-len 32 --threads 1 --seed 0)
-SERVE_ARGS=(--cut 2 --labels device --lora-rank 4 --port 0 --threads 1)
 
 say() { echo "[arm64] $*" >&2; }
 [ "$(id -u)" = 0 ] || { echo "run.sh: needs root (debootstrap, chroot, mount, cgroups)" >&2; exit 2; }
 [ -d /sys/fs/cgroup/memory ] || { echo "run.sh: no cgroup v1 memory controller at /sys/fs/cgroup/memory" >&2; exit 2; }
+if { [ -n "$MODEL" ] && [ -z "$BUNDLE" ]; } || { [ -z "$MODEL" ] && [ -n "$BUNDLE" ]; }; then
+  echo "run.sh: set MODEL and BUNDLE together, or neither" >&2; exit 2
+fi
 
 # 1. the userland (cached; bootstrap.sh is a no-op once it is there)
 t0=$SECONDS
@@ -81,14 +89,25 @@ chroot "$ROOT" /opt/splitlm/bin/python -m pip install -q --no-index --find-links
 chroot "$ROOT" /opt/splitlm/bin/python -m pip install -q --no-index --find-links /wheels "splitlm[edge]"
 say "splitlm[edge] installed in the arm64 userland ($((SECONDS - t0)) s)"
 
-# 5. the tiny model, its q4 bundle (labels on the device) and data, made on the host (cached)
+# 5. the tiny model, its q4 bundle (labels on the device) and data, made on the host (cached);
+#    or MODEL and a copy of BUNDLE, with the server's LoRA settings read from its manifest
 "$PY" "$HERE/host.py" prepare "$WORK"
+if [ -n "$BUNDLE" ]; then
+  rm -rf "$WORK/bundle-ext" && cp -r "$BUNDLE" "$WORK/bundle-ext"
+  SERVE_MODEL=$MODEL BUNDLE_NAME=bundle-ext
+  read -r -a LORA_ARGS < <("$PY" -c 'import json, sys; l = json.load(open(sys.argv[1]))["lora"]
+print("--lora-rank", l["rank"], "--lora-alpha", l["alpha"], "--lora-targets", *l["targets"])' "$WORK/bundle-ext/manifest.json")
+  CUT=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["cut"])' "$WORK/bundle-ext/manifest.json")
+else
+  SERVE_MODEL=$WORK/tiny-llama BUNDLE_NAME=bundle LORA_ARGS=(--lora-rank 4) CUT=2
+fi
+SERVE_ARGS=(--cut "$CUT" --labels device "${LORA_ARGS[@]}" --port 0 --threads 1)
 
 serve() {  # start a fresh server; sets SERVER (pid) and URL
   rm -f "$WORK/serve.log"
-  "$PY" -m splitlm.cli serve "$WORK/tiny-llama" "${SERVE_ARGS[@]}" >"$WORK/serve.log" 2>&1 &
+  "$PY" -m splitlm.cli serve "$SERVE_MODEL" "${SERVE_ARGS[@]}" >"$WORK/serve.log" 2>&1 &
   SERVER=$!
-  for _ in $(seq 600); do
+  for _ in $(seq 1500); do
     URL=$(grep -o 'listening on ws://[^ ]*' "$WORK/serve.log" | head -1 | cut -d' ' -f3) || true
     [ -n "$URL" ] && return 0
     kill -0 "$SERVER" 2>/dev/null || { cat "$WORK/serve.log" >&2; exit 1; }
@@ -101,7 +120,7 @@ stop() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=; }
 # 6. the x86 client: the reference losses
 serve
 rm -f "$WORK/x86.jsonl"
-(cd "$WORK" && "$PY" -m splitlm.cli edge "$URL" --bundle "$WORK/bundle" --data "$WORK/data.jsonl" "${EDGE_ARGS[@]}" \
+(cd "$WORK" && "$PY" -m splitlm.cli edge "$URL" --bundle "$WORK/$BUNDLE_NAME" --data "$WORK/data.jsonl" "${EDGE_ARGS[@]}" \
    --metrics-out "$WORK/x86.jsonl" >&2)
 stop
 
@@ -116,7 +135,7 @@ kills_before=$(awk '/^oom_kill /{print $2}' "$CG/memory.oom_control")
 t0=$SECONDS
 set +e
 ( echo "$BASHPID" > "$CG/cgroup.procs"
-  exec taskset -c 0 chroot "$ROOT" /opt/splitlm/bin/splitlm edge "$URL" --bundle /work/bundle --data /work/data.jsonl "${EDGE_ARGS[@]}" \
+  exec timeout "$CLIENT_TIMEOUT" taskset -c 0 chroot "$ROOT" /opt/splitlm/bin/splitlm edge "$URL" --bundle "/work/$BUNDLE_NAME" --data /work/data.jsonl "${EDGE_ARGS[@]}" \
     --metrics-out /work/arm64.jsonl >&2 )
 rc=$?
 set -e
