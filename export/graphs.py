@@ -75,15 +75,60 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: t
 def trace_to_onnx(fn: Callable, args: tuple, *, input_names: list[str], output_names: list[str],
                   n_dynamic: int, max_seq: int, path: Path, min_seq: int = 2) -> None:
     """make_fx -> torch.export -> ONNX. The first `n_dynamic` args have dims (batch, seq, ...)."""
-    gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=core_aten_decompositions(),
-                 _allow_non_fake_inputs=True)(*args)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("seq", min=min_seq, max=max_seq)
     dynamic = tuple({0: batch, 1: seq} if i < n_dynamic else None for i in range(len(args)))
+    trace_with_shapes(fn, args, dynamic, input_names=input_names, output_names=output_names, path=path)
+
+
+def trace_with_shapes(fn: Callable, args: tuple, dynamic: tuple, *, input_names: list[str],
+                      output_names: list[str], path: Path) -> None:
+    """make_fx -> torch.export (with these dynamic_shapes) -> ONNX, cleaned by `optimize_graph`."""
+    gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=core_aten_decompositions(),
+                 _allow_non_fake_inputs=True)(*args)
     program = torch.export.export(gm, args, dynamic_shapes=dynamic)
-    torch.onnx.export(program, args, str(path), input_names=input_names, output_names=output_names,
-                      opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
-                      external_data=False)
+    onnx_program = torch.onnx.export(program, args, input_names=input_names, output_names=output_names,
+                                     opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
+    optimize_graph(onnx_program.model)
+    onnx_program.save(str(path), external_data=False)
+
+
+def optimize_graph(model) -> None:
+    """What `torch.onnx.export(optimize=True)` runs (onnxscript's `optimize_ir`), in a cheaper order:
+    fold constants and merge common subexpressions first, then run the pattern rewriter once on
+    the folded graph, then fold again.
+
+    Why by hand: `optimize_ir` runs its ~45 rewrite rules on the raw graph, 3-4x larger before
+    folding, twice. On the tiny distill bundle's three graphs (4,030 / 1,802 / 3,924 raw nodes)
+    it took 18.8 / 3.6 / 23.3 s; this order takes 3.3 / 0.9 / 3.5 s and ends with 1,071 / 416 /
+    1,041 nodes instead of 1,058 / 416 / 1,031, outputs bit-identical. The difference is 15
+    ScatterND per gradient graph that a second rewrite would remove (for 13 s more): onnxruntime
+    runs that train graph 2% slower (median 12.15 vs 11.90 ms, batch 4 x 64, tiny model).
+    tests/test_export.py checks the two orders give the same outputs on a head. onnxscript's
+    opset-23 fusions (`onnx_fusions.fuse`) are left out: at opset 18 they find nothing to fuse.
+    """
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer
+    import onnxscript.rewriter
+
+    def fold() -> None:
+        for _ in range(2):  # optimize_ir's num_iterations=2, with its early stop
+            folded = onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+            removed = common.RemoveUnusedNodesPass()(model)
+            common.RemoveUnusedFunctionsPass()(model)
+            common.RemoveUnusedOpsetsPass()(model)
+            if not (folded.modified or removed.modified):
+                break
+
+    common.InlinePass()(model)
+    fold()
+    common.CommonSubexpressionEliminationPass()(model)
+    onnxscript.rewriter.RewritePass(onnxscript.rewriter._DEFAULT_REWRITE_RULES)(model)
+    fold()
+    for step in (common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                 common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
+                 common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass()):
+        step(model)
 
 
 def example_inputs(vocab: int, hidden: int, *, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .arch import Arch
-from .graphs import HEAD_INPUTS, MAX_BATCH, MIN_TAIL_SEQ, OPSET, causal_lm_loss, example_inputs
+from .graphs import HEAD_INPUTS, MAX_BATCH, MIN_TAIL_SEQ, causal_lm_loss, example_inputs, trace_with_shapes
 from .lora import LoRAInputs
 
 TRAIN_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -120,18 +120,6 @@ def kd_loss(logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_logprob
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _trace(fn, args: tuple, dynamic: tuple, *, input_names: list[str], output_names: list[str], path: Path) -> None:
-    """make_fx -> torch.export -> ONNX with the given dynamic_shapes (see graphs.trace_to_onnx)."""
-    from torch._decomp import core_aten_decompositions
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=core_aten_decompositions(),
-                 _allow_non_fake_inputs=True)(*args)
-    program = torch.export.export(gm, args, dynamic_shapes=dynamic)
-    torch.onnx.export(program, args, str(path), input_names=input_names, output_names=output_names,
-                      opset_version=OPSET, dynamo=True, optimize=True, verbose=False, external_data=False)
-
-
 def export_whole_graphs(graphs: WholeGraphs, out: Path, *, distill: bool, max_seq: int) -> list[str]:
     """Write train.onnx (and topk.onnx, kd_grad.onnx for distill) into `out`; return the file names."""
     cfg = graphs.arch.model.config
@@ -145,17 +133,17 @@ def export_whole_graphs(graphs: WholeGraphs, out: Path, *, distill: bool, max_se
     seq = torch.export.Dim("seq", min=MIN_TAIL_SEQ, max=max_seq)
     tokens, fixed = {0: batch, 1: seq}, (None,) * len(names)
     grads = [f"grad.{n}" for n in names]
-    _trace(graphs.train, (ids, mask, labels, *trainables), (tokens,) * 3 + fixed,
+    trace_with_shapes(graphs.train, (ids, mask, labels, *trainables), (tokens,) * 3 + fixed,
            input_names=[*TRAIN_INPUTS, *names], output_names=["loss", *grads], path=out / "train.onnx")
     files = ["train.onnx"]
     if distill:
-        _trace(graphs.topk, (ids, mask, *trainables), (tokens,) * 2 + fixed, input_names=[*HEAD_INPUTS, *names],
+        trace_with_shapes(graphs.topk, (ids, mask, *trainables), (tokens,) * 2 + fixed, input_names=[*HEAD_INPUTS, *names],
                output_names=["topk_values", "topk_indices"], path=out / "topk.onnx")
         k = torch.export.Dim("k", min=1, max=cfg.vocab_size)
         t_idx = torch.randint(0, cfg.vocab_size, (*ids.shape, EXAMPLE_K), generator=gen, dtype=torch.int32)
         t_lp = torch.log_softmax(torch.randn(*ids.shape, EXAMPLE_K, generator=gen), -1)
         teacher = {0: batch, 1: seq, 2: k}
-        _trace(graphs.kd_grad, (ids, mask, t_idx, t_lp, *trainables), (tokens, tokens, teacher, teacher) + fixed,
+        trace_with_shapes(graphs.kd_grad, (ids, mask, t_idx, t_lp, *trainables), (tokens, tokens, teacher, teacher) + fixed,
                input_names=[*KD_INPUTS, *names], output_names=["kd_loss", *grads], path=out / "kd_grad.onnx")
         files += ["topk.onnx", "kd_grad.onnx"]
     return files

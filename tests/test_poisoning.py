@@ -65,15 +65,12 @@ def nan_update_frame(model, names_shapes) -> bytes:
     return bytes(frame)
 
 
-def test_a_scaled_and_a_nan_adapter_cannot_hijack_the_global(tiny_llama, tmp_path):
+def test_a_scaled_and_a_nan_adapter_cannot_hijack_the_global(tiny_llama, tiny_whole_bundle, tmp_path):
     root, auth, creds = tmp_path, tmp_path / "auth", tmp_path / "creds"
     write_ledger_data(root, clients=2, per_client=12, held_out=8)
     for device in ("alice", "bob", "mallory", "nancy"):
         assert run_cli("enroll", device, "--auth", str(auth), "--out", str(creds / f"{device}.json")).returncode == 0
-    bundle = root / "fedavg"
-    r = run_cli("export", str(tiny_llama), "--mode", "fedavg", "--quant", "fp32", "--out", str(bundle),
-                "--lora-rank", "4", "--max-length", "128")
-    assert r.returncode == 0, r.stderr
+    bundle = tiny_whole_bundle("fedavg", "lora").path
     server = ServerProcess(str(tiny_llama), "--mode", "fedavg", "--lora-rank", "4", "--rounds", str(ROUNDS),
                            "--local-steps", str(LOCAL), "--min-clients", "3", "--auth", str(auth),
                            "--clip-norm", str(CLIP), "--out", str(root / "out"), "--eval", str(root / "eval.jsonl"))
