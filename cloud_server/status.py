@@ -147,6 +147,20 @@ def _round_row(metrics: dict) -> dict:
 
 # ---------------------------------------------------------------- HTTP
 
+def status_json(snap) -> bytes:
+    """The snapshot as strict JSON: a NaN or infinite number (a split round with no steps, a NaN
+    held-out loss) is written as null, as the HTML page shows it as "–"."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(snap), allow_nan=False).encode()
+
+
 def respond(connection, request, board: Board, strategy):
     """websockets' `process_request`: answer /status and /status.json; None lets a websocket through."""
     path = request.path.split("?", 1)[0]
@@ -154,7 +168,7 @@ def respond(connection, request, board: Board, strategy):
         return None
     snap = board.snapshot(strategy)
     if path == "/status.json":
-        body, ctype = json.dumps(snap, allow_nan=False).encode(), "application/json"
+        body, ctype = status_json(snap), "application/json"
     else:
         body, ctype = render(snap).encode(), "text/html; charset=utf-8"
     response = connection.respond(HTTPStatus.OK, "")

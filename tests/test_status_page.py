@@ -170,7 +170,7 @@ def test_status_page_in_chromium_during_a_two_device_run(tiny_llama, tiny_bundle
 
 
 def test_a_fedavg_snapshot_renders_rounds_with_bytes_and_skips_a_nan_loss():
-    from splitlm.cloud_server.status import render
+    from splitlm.cloud_server.status import render, status_json
 
     rounds = [{"round": 0, "loss": float("nan"), "samples": 80, "clients": ["a", "b"], "bytes_up": 2_500_000,
                "bytes_down": 2_400_000, "time": 0.0},
@@ -188,3 +188,8 @@ def test_a_fedavg_snapshot_renders_rounds_with_bytes_and_skips_a_nan_loss():
     assert (page.devices["a"]["steps"], page.devices["a"]["up-per-unit"], page.devices["a"]["device-s"]) == \
         ("2", "2.50 MB", "4.000")
     assert page.ids["round"] == "round 2 of 3"
+    # /status.json: the NaN is null (json's allow_nan=False would make the request fail), the rest kept
+    snap = {"mode": "fedavg", "round_history": rounds, "devices": [device], "inf": (float("inf"), 1.5)}
+    back = json.loads(status_json(snap))
+    assert [r["loss"] for r in back["round_history"]] == [None, 3.25] and back["inf"] == [None, 1.5]
+    assert back["devices"][0]["bytes_in"] == 5_000_000
