@@ -20,6 +20,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from splitlm.errors import SplitLMError
+
 TIMES = ("compute_s", "wait_s", "cpu_s", "wall_s")
 COUNTS = ("bytes_up", "bytes_down")
 
@@ -57,6 +59,13 @@ def vm_hwm_kib(status: Path = STATUS) -> int | None:
 class Meter:
     def __init__(self, *, metrics_out: str | Path | None = None):
         self.metrics_out = Path(metrics_out) if metrics_out else None
+        if self.metrics_out:  # its folder is made, and a file it cannot write fails here, before any
+            try:              # connection, instead of mid-run where the client took it for a lost link
+                self.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+                self.metrics_out.open("a").close()
+            except OSError as e:
+                why = "its folder is a file" if self.metrics_out.parent.is_file() else e.strerror
+                raise SplitLMError(f"--metrics-out {self.metrics_out}: cannot write there ({why})") from e
         self.records: list[dict] = []
         self._current = self._zero()
         self._started: tuple[float, float] | None = None  # (wall, cpu) at the step's start

@@ -15,7 +15,7 @@ from splitlm.edge_client.data import IGNORE_INDEX
 from splitlm.edge_client.meter import Meter
 from splitlm.edge_client.optim import AdamW
 from splitlm.edge_client.runtime import HeadRuntime, read_initializers
-from splitlm.errors import BundleMismatch
+from splitlm.errors import BundleMismatch, SplitLMError
 from splitlm.manifest import Bundle
 
 B, T = 2, 12
@@ -192,6 +192,15 @@ def test_meter_appends_one_json_line_per_step_and_starts_each_step_afresh(tmp_pa
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2] and [r["bytes_up"] for r in lines] == [10, 20, 30]
     assert lines == meter.records
+
+
+def test_meter_makes_its_folder_and_refuses_an_unwritable_path_before_any_step(tmp_path):
+    nested = tmp_path / "runs" / "a" / "metrics.jsonl"
+    Meter(metrics_out=nested).end_step(step=0, loss=1.0)
+    assert json.loads(nested.read_text())["step"] == 0
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SplitLMError, match=r"--metrics-out .*file/metrics.jsonl: cannot write there \(its folder is a file\)"):
+        Meter(metrics_out=tmp_path / "file" / "metrics.jsonl")
 
 
 def test_meter_summary_has_totals_and_per_step_means():
