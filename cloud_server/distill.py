@@ -83,7 +83,7 @@ class DistillStrategy(FedAvgStrategy):
         self.public = PublicSet.from_text(self.public_path.read_text(encoding="utf-8"),
                                           tokenizer_file=Path(model.path) / "tokenizer.json", seq_len=public_seq_len,
                                           eos_id=eos, sha256=sha256_file(self.public_path))
-        self.public_hash, self.n_rows = self.public.sha256, self.public.n_rows
+        self.public_hash, self.public_seq_len, self.n_rows = self.public.sha256, public_seq_len, self.public.n_rows
         row_bytes = cfg.topk * 8
         self.limits = Limits(max_frame_bytes=max(cfg.max_chunk_bytes, row_bytes * 4096) + (1 << 20))
         self.partial_logits: dict[str, PartialLogits] = {}
@@ -98,6 +98,10 @@ class DistillStrategy(FedAvgStrategy):
         if hello.public_hash != self.public_hash:
             raise BundleMismatch(f"hello.public_hash: this server distills on {self.public_path.name} "
                                  f"(sha256 {self.public_hash[:12]}...), the bundle names {str(hello.public_hash)[:12]}...")
+        if hello.public_seq_len != self.public_seq_len:  # same text, other packing: row i would be another token
+            raise BundleMismatch(f"hello.public_seq_len: this server packs the public set into sequences of "
+                                 f"{self.public_seq_len} tokens, the bundle into {hello.public_seq_len} "
+                                 f"(serve --public-seq-len {hello.public_seq_len} matches it)")
         if hello.model_hash != self.device_model_hash:  # it fixes the tokenizer, which both sides must share
             raise BundleMismatch("hello.model_hash: the bundle was exported from another model than the devices' "
                                  "model this server expects (serve --device-model FOLDER names it)")

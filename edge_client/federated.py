@@ -141,7 +141,8 @@ class FederatedClient:
         return Hello(client_id=self.cfg.client_id, model_hash=m.model.hash, cut=m.cut, labels=m.labels,
                      lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, lora_targets=m.lora.targets,
                      codecs=FLOAT_CODECS, n_samples=self.data.n_samples, resume_step=None, mode=m.mode,
-                     train=m.train, public_hash=self.public.sha256 if self.public else None)
+                     train=m.train, public_hash=self.public.sha256 if self.public else None,
+                     public_seq_len=m.public["seq_len"] if self.public else None)
 
     def check_welcome(self, welcome: Welcome) -> None:
         m = self.manifest

@@ -52,7 +52,7 @@ TRAIN = ("lora", "full")
           labels=v.one_of("server", "device"), lora_rank=v.count, lora_alpha=v.real,
           lora_targets=v.texts, codecs=v.texts, n_samples=v.count,
           resume_step=v.optional(v.count), mode=v.one_of(*MODES), train=v.one_of(*TRAIN),
-          public_hash=v.optional(v.text))
+          public_hash=v.optional(v.text), public_seq_len=v.optional(v.count))
 class Hello(_Message):
     """client -> server, first frame: who it is and what bundle it runs.
 
@@ -71,6 +71,7 @@ class Hello(_Message):
     mode: str = "split"             # one of MODES, from the bundle's manifest
     train: str = "lora"             # what the device trains: LoRA tensors or every decoder weight
     public_hash: str | None = None  # distill: sha256 of the public set the bundle names
+    public_seq_len: int | None = None  # distill: the length the bundle packs that set into (rows follow it)
 
 
 @_message("welcome", session_id=v.text, codec=v.one_of(*FLOAT_CODECS),

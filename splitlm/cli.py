@@ -204,7 +204,7 @@ def _strategy(args: argparse.Namespace, cfg, log):
 
         device_hash = model_folder_hash(Path(args.device_model))
     return DistillStrategy(model, cfg, public=Path(args.public) if args.public else None, eval_data=eval_data,
-                           device_model_hash=device_hash, log=log)
+                           public_seq_len=args.public_seq_len, device_model_hash=device_hash, log=log)
 
 
 def _cmd_edge(args: argparse.Namespace) -> None:
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (0: run until stopped)")
     p.add_argument("--topk", type=int, default=16, help="distill: k of the top-k logits devices send")
     p.add_argument("--public", help="distill: the public text file (default: the one shipped with splitlm)")
+    p.add_argument("--public-seq-len", type=int, default=128,
+                   help="distill: the public set's sequence length (as the bundle's export --public-seq-len)")
     p.add_argument("--device-model", help="distill: the model folder the devices' bundles were exported from, when "
                                           "it is not the served one (it must share the tokenizer)")
     p.add_argument("--eval", help="fedavg/distill: held-out data; each round's metrics get the global model's loss on it")

@@ -19,7 +19,8 @@ TARGETS = ("self_attn.q_proj", "self_attn.v_proj")
 def hello(model, mode: str, client_id: str) -> Hello:
     return Hello(client_id=client_id, model_hash=model_folder_hash(model), cut=4, labels="server", lora_rank=4,
                  lora_alpha=16.0, lora_targets=TARGETS, codecs=("f32", "f16"), n_samples=3, resume_step=None,
-                 mode=mode, public_hash=sha256_file(default_public()) if mode == "distill" else None)
+                 mode=mode, public_hash=sha256_file(default_public()) if mode == "distill" else None,
+                 public_seq_len=128 if mode == "distill" else None)
 
 
 def recv(ws):
@@ -92,5 +93,25 @@ def test_bad_logits_are_refused_with_what_is_wrong(tiny_llama, bad, words):
                       values=np.zeros((4, 8), np.float32), n_samples=3) | bad
         refused(ws, encode(Logits(**fields), seq=1), *words)
         ws.close()
+    finally:
+        server.stop()
+
+
+def test_a_device_whose_bundle_packs_the_public_set_otherwise_is_refused(tiny_llama):
+    """Same public text, another --public-seq-len: row i of its logits would be another token."""
+    import dataclasses
+
+    server = ServerProcess(str(tiny_llama), "--mode", "distill", "--lora-rank", "4", "--topk", "8",
+                           "--public-seq-len", "64")
+    try:
+        with connect(server.url, max_size=None) as ws:
+            ws.send(encode(hello(tiny_llama, "distill", "packed-at-128"), seq=0))
+            reply = recv(ws)
+            assert reply.kind == "error" and reply.message.startswith(
+                "hello.public_seq_len: this server packs the public set into sequences of 64 tokens, the bundle "
+                "into 128 (serve --public-seq-len 128 matches it)"), reply
+        with connect(server.url, max_size=None) as ws:
+            ws.send(encode(dataclasses.replace(hello(tiny_llama, "distill", "packed-at-64"), public_seq_len=64), seq=0))
+            assert isinstance(recv(ws), Welcome)
     finally:
         server.stop()
