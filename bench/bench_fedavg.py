@@ -9,7 +9,10 @@ The job (issue 8, the same as measured for Flower 1.41): SmolLM2-135M, LoRA r=8 
     ratio   round / floor; bytes up and down per device-round (frame bytes, headers included);
             each device's peak RSS (its own VmHWM)
 
-    python bench/bench_fedavg.py [--quant q4] [--rounds 2] [--local-steps 10] [--json]
+    python bench/bench_fedavg.py [--quant q4 | --bundle B] [--rounds 2] [--local-steps 10] [--json]
+
+(--bundle: an existing fedavg LoRA bundle of SmolLM2, r 8 on q and v, instead of exporting one:
+the whole-model export is the slow part, tens of minutes on 2 cores.)
 
 Flower 1.41 on the same job, measured here when the issue was written: 1.75x the floor, 2.39 MB up
 and 2.00 MB down per device-round, 1.67 GB device RSS.
@@ -77,6 +80,7 @@ def run(model: Path, bundle: Path, shards: list[Path], out: Path, args, *, devic
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quant", default="q4")
+    ap.add_argument("--bundle", type=Path, help="use this fedavg LoRA bundle instead of exporting one")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--update-wire", default="f16", choices=("f32", "f16", "q8"))
@@ -87,7 +91,7 @@ def main() -> None:
     model = default_model_dir()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        bundle = export(model, out, args.quant)
+        bundle = args.bundle or export(model, out, args.quant)
         shards = write_shards(out, 2)
         alone = run(model, bundle, shards, out, args, devices=1)[0]
         both = run(model, bundle, shards, out, args, devices=2)
