@@ -383,7 +383,8 @@ class EdgeClient:
                                    f"({type(e).__name__}: {e}); gave up after {self.cfg.reconnect_tries} "
                                    "reconnect tries") from e
                 delay = backoff_s(self._failures)
-                print(f"{self.cfg.client_id}: link lost at step {self.step} ({type(e).__name__}); reconnecting in "
+                to = f" to {self.urls[self._at]}" if len(self.urls) > 1 else ""
+                print(f"{self.cfg.client_id}: link lost at step {self.step} ({type(e).__name__}); reconnecting{to} in "
                       f"{delay:g} s (try {self._failures}/{self.cfg.reconnect_tries})", file=sys.stderr, flush=True)
                 await asyncio.sleep(delay)
 

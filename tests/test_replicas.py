@@ -3,8 +3,10 @@ real `splitlm edge` processes. Two replicas keep one body adapter, the same as o
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -112,3 +114,47 @@ def test_two_replicas_keep_one_body_equal_to_one_server(tiny_llama, tiny_bundle,
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6)   # one body on both replicas
         np.testing.assert_allclose(a[k], one[k], rtol=1e-3, atol=1e-5)  # and it is one server's
+
+
+def test_a_dead_replica_costs_its_device_a_reconnect_not_its_progress(tiny_llama, tiny_bundle, four_clients,
+                                                                      tmp_path):
+    """Replica 1 is killed (SIGKILL) mid-run: replica 0 goes on alone, and replica 1's device moves
+    to it and goes on from the step it had reached; every step of both devices is run exactly once.
+    (--min-clients 2: the survivor's rounds wait for the moved device, whom it has never seen.)"""
+    bundle = tiny_bundle("server")
+    steps = 8
+    port = free_port()
+    replicas = ServerProcess.many(*(replica_args(tiny_llama, bundle, 2, r, port, tmp_path / f"r{r}",
+                                                 "--steps-per-round", "4", "--rounds", "2", "--batch-wait-ms", "200",
+                                                 "--min-clients", "2", "--no-status") for r in range(2)))
+    urls = [s.url for s in replicas]
+    ids = ids_on(urls, per_replica=1)
+    moved = next(cid for cid, url in ids.items() if url == urls[1])
+    metrics = {cid: tmp_path / f"{cid}.jsonl" for cid in ids}
+    procs = [subprocess.Popen(edge_cmd(",".join(urls), bundle.path, four_clients[i], "--steps", str(steps),
+                                       "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--lr", str(LR),
+                                       "--threads", "1", "--client-id", cid, "--metrics-out", str(metrics[cid])),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, cid in enumerate(ids)]
+    try:
+        deadline = time.monotonic() + 60
+        while f"client {moved}  step    2" not in replicas[1].log():  # its third step is done there
+            assert time.monotonic() < deadline, replicas[1].log()
+            time.sleep(0.05)
+        replicas[1].proc.kill()
+        for p in procs:
+            out, _ = p.communicate(timeout=90)
+            assert p.returncode == 0, out + "\nreplica 0:\n" + replicas[0].log()
+    finally:
+        for s in replicas:
+            s.proc.kill()
+            s.proc.wait()
+    survivor = replicas[0].log()
+    assert "lost the replica group" in survivor
+    taken = re.search(rf"client {moved}: taken over from another replica at its step (\d+)", survivor)
+    assert taken and int(taken.group(1)) >= 3, survivor  # it went on from where it was, not from 0
+    for cid, m in metrics.items():
+        rows = read_metrics(m)
+        assert [r["step"] for r in rows] == list(range(steps)), (cid, rows)  # each step once, none lost or redone
+        assert all(np.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "r0" / "round-0001" / "adapter").is_dir()  # the survivor closed the last round
