@@ -101,7 +101,8 @@ def _serve_scale(args) -> None:
     if args.batch_wait_ms > 0 and args.labels == "device":
         raise SplitLMError("--batch-wait-ms: U-shape steps (--labels device) hold the body from forward to tail_grad "
                            "and run one at a time; batching is for --labels server so far")
-    if args.batch_wait_ms > 0 and args.batch_optimizer == "per-device" and args.full:
+    if args.batch_wait_ms > 0 and (args.batch_optimizer or "per-device") == "per-device" and args.full \
+            and args.replicas == 1:
         raise SplitLMError("--batch-optimizer per-device: per-device gradients are recovered for LoRA only; "
                            "with --full use --batch-optimizer per-batch")
     _replicas(args)
