@@ -227,6 +227,17 @@ class Lockstep:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop())
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The tick never ends but by cancel (a clean stop); anything else would hang every device: say so."""
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            self.group.log(f"replica {self.group.cfg.rank}: the tick failed ({type(e).__name__}: {e}); "
+                           "no step will run here until this server restarts")
+            for w in self._waiting:
+                if not w.future.done():
+                    w.future.set_exception(e)
 
     def wake(self) -> None:
         self._wake.set()

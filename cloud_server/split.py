@@ -88,14 +88,14 @@ class SplitStrategy(Strategy):
         """Steps and round ends at ticks every replica agrees on (see `replicas`), from replica 0's body init."""
         group.broadcast(self.body.optimizer.param_groups[0]["params"])
         names = sorted(self._head_shapes)
-        self.steps = Lockstep(group, run=self._run, rounds=None, lock=self._body_lock, connected=lambda: set(self.conns),
+        self.rounds = SyncedRounds(wake=lambda: self.steps.wake(), deadline_s=self.cfg.round_deadline_s,
+                                   close=self._close_round, min_reports=self.cfg.min_clients, log=self.log)
+        self.steps = Lockstep(group, run=self._run, rounds=self.rounds, lock=self._body_lock,
+                              connected=lambda: set(self.conns),
                               step=lambda items, g: self.body.step_batch(items, per_device=False, reduce=g.sum_tensors),
                               head_sum=lambda reports, g: head_average(reports, names, self._head_shapes, g),
                               close_round=lambda head: self.rounds.close(head=head), wait_s=self.batching.wait_s,
                               max_devices=self.batching.max_devices, min_clients=self.cfg.min_clients)
-        self.rounds = SyncedRounds(wake=self.steps.wake, deadline_s=self.cfg.round_deadline_s,
-                                   close=self._close_round, min_reports=self.cfg.min_clients, log=self.log)
-        self.steps.rounds = self.rounds
 
     @property
     def round(self) -> int:
