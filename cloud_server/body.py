@@ -7,6 +7,7 @@ round end. So `save_adapter` writes one standard PEFT adapter for the whole mode
 A step, labels at the server:        h_K -> body -> loss -> backward -> AdamW -> dL/dh_K
 A step, labels on the device (U):    h_K -> body -> h_N ... dL/dh_N -> backward -> AdamW -> dL/dh_K
 Several devices' steps at once:      `step_batch` (see `batching` for the two optimizer semantics)
+Replicas:                            `step_batch(..., reduce=)` sums gradients over replicas first (`replicas`)
 
 Where the body lives (`BodyConfig.device`): the model, its adapters and AdamW's state are on that
 device; each step moves h_K (and mask, labels) there once and dL/dh_K back once. With

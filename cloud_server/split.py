@@ -8,6 +8,11 @@ steps from different clients that arrive within that bound run as one body batch
 (no other step may move the weights in between); a client that vanishes or stalls mid-step loses
 that step, releases the body, and nobody else is disturbed.
 
+Replicas (`replicas`): with a `ReplicaGroup` the steps and round ends run at ticks every replica
+agrees on (`replicas.Lockstep` in place of the step queue; `replicas.SyncedRounds` in place of
+`Rounds`), gradients and the head average summed over replicas; a device new here that comes with
+a step was another replica's and goes on at that step.
+
 Rounds: after R steps each client sends `adapter`; the round closes when every connected client
 (and each one whose link dropped, until it is back) has reported or the deadline passes; the
 sample-weighted mean goes back to the reporters as `adapter_global`, and the round's results are
