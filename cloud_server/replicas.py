@@ -151,7 +151,7 @@ class Proposal:
 
     @classmethod
     def of(cls, vector: torch.Tensor) -> Proposal:
-        return cls(*(int(round(float(v))) for v in vector[:len(fields(cls))]))
+        return cls(*(round(float(v)) for v in vector[:len(fields(cls))]))
 
 
 def decide(total: Proposal, *, min_clients: int, max_devices: int) -> tuple[bool, bool]:
