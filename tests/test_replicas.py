@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from splitlm.cloud_server.replicas import Proposal, decide
-from splitlm.edge_client.client import replica_order
 
+from splitlm.cloud_server.replicas import Proposal, decide
 from splitlm.demo import write_ledger_data
+from splitlm.edge_client.client import replica_order
 
 from .conftest import ServerProcess, edge_cmd
 from .test_split_training import BATCH, LR, read_metrics, serve_args
