@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)")
-    p.add_argument("url", help="ws://HOST:PORT")
+    p.add_argument("url", help="ws://HOST:PORT, or a replicated server's replicas comma-separated "
+                               "(ws://A:8765,ws://B:8765: this device's own by a hash of its client id, then the next)")
     p.add_argument("--bundle", required=True, help="the bundle folder `splitlm export` wrote")
     p.add_argument("--data", required=True, help=".txt, or .jsonl of {text} or {prompt, completion}")
     group = p.add_mutually_exclusive_group()
