@@ -7,6 +7,7 @@ round end. So `save_adapter` writes one standard PEFT adapter for the whole mode
 A step, labels at the server:        h_K -> body -> loss -> backward -> AdamW -> dL/dh_K
 A step, labels on the device (U):    h_K -> body -> h_N ... dL/dh_N -> backward -> AdamW -> dL/dh_K
 Several devices' steps at once:      `step_batch` (see `batching` for the two optimizer semantics)
+Replicas:                            `step_batch(..., reduce=)` sums gradients over replicas first (`replicas`)
 
 Where the body lives (`BodyConfig.device`): the model, its adapters and AdamW's state are on that
 device; each step moves h_K (and mask, labels) there once and dL/dh_K back once. With
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from splitlm.protocol import Hello
 from . import batching
 from .state import StateError
 
+# replicas: (this replica's summed gradients, its device count) -> every replica's, summed
+Reduce = Callable[[list[torch.Tensor], float], tuple[list[torch.Tensor], float]]
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])\.default\.weight$")
 
 
@@ -171,10 +174,15 @@ class Body:
         self._update(lambda: loss.backward())
         return float(loss.detach()), h_k.grad.cpu().numpy()
 
-    def step_batch(self, steps: Sequence[batching.StepInput], *, per_device: bool) -> list[tuple[float, np.ndarray]]:
+    def step_batch(self, steps: Sequence[batching.StepInput], *, per_device: bool,
+                   reduce: Reduce | None = None) -> list[tuple[float, np.ndarray]]:
         """Labels at the server, several devices' steps as one body batch: (loss, dL/dh_K) per step,
         each as that step alone would get at these weights. `per_device`: one AdamW step per device
-        (arrival order) on its own gradient; else one AdamW step on the mean of the devices' gradients."""
+        (arrival order) on its own gradient; else one AdamW step on the mean of the devices' gradients,
+        and with `reduce` (replicas) on the mean over every replica's devices; then `steps` may be empty
+        (this replica adds a zero gradient with zero weight)."""
+        if not steps:
+            return self._idle_step(reduce)
         packed = batching.pack(steps)
         h_k = self._tensor(packed.hidden).requires_grad_(True)                 # (sum B, T_max, H)
         mask_t = self._tensor(packed.mask, np.int64)                           # (sum B, T_max), 0 on padding
@@ -186,15 +194,30 @@ class Body:
             losses = [causal_lm_loss(logits[a:b], labels_t[a:b], mask_t[a:b]) for a, b in packed.rows]
             self.optimizer.zero_grad(set_to_none=True)
             torch.stack(losses).sum().backward()  # device i's rows of h_k.grad are dL_i/dh_K: losses are apart
-        self._optimize_batch(capture, n_devices=len(steps))
+        self._optimize_batch(capture, n_devices=len(steps), reduce=reduce)
         grads = batching.unpack(h_k.grad.cpu().numpy(), packed)
         return [(float(loss.detach()), g) for loss, g in zip(losses, grads)]
 
-    def _optimize_batch(self, capture: batching.PerDeviceGrads | None, *, n_devices: int) -> None:
-        """No capture (per-batch): one AdamW step on the mean of the devices' summed gradients.
-        With one: one AdamW step per device's own gradient, in arrival order."""
+    def _idle_step(self, reduce: Reduce | None) -> list:
+        """A replica with no step at a synced step: zero gradient, zero weight, the same AdamW step."""
+        if reduce is None:
+            raise ValueError("a batch of no steps is only a replica's share of a synced step")
+        self.optimizer.zero_grad(set_to_none=True)
+        self._optimize_batch(None, n_devices=0, reduce=reduce)
+        return []
+
+    def _optimize_batch(self, capture: batching.PerDeviceGrads | None, *, n_devices: int,
+                        reduce: Reduce | None = None) -> None:
+        """No capture (per-batch): one AdamW step on the mean of the devices' summed gradients (with
+        `reduce`, summed over every replica's devices). With one: one AdamW step per device's own
+        gradient, in arrival order."""
         params = self.optimizer.param_groups[0]["params"]
         if capture is None:
+            if reduce is not None:
+                local = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                grads, n_devices = reduce(local, float(n_devices))
+                for p, g in zip(params, grads):
+                    p.grad = g
             for p in params:
                 if p.grad is not None:
                     p.grad /= n_devices

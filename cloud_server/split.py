@@ -8,6 +8,11 @@ steps from different clients that arrive within that bound run as one body batch
 (no other step may move the weights in between); a client that vanishes or stalls mid-step loses
 that step, releases the body, and nobody else is disturbed.
 
+Replicas (`replicas`): with a `ReplicaGroup` the steps and round ends run at ticks every replica
+agrees on (`replicas.Lockstep` in place of the step queue; `replicas.SyncedRounds` in place of
+`Rounds`), gradients and the head average summed over replicas; a device new here that comes with
+a step was another replica's and goes on at that step.
+
 Rounds: after R steps each client sends `adapter`; the round closes when every connected client
 (and each one whose link dropped, until it is back) has reported or the deadline passes; the
 sample-weighted mean goes back to the reporters as `adapter_global`, and the round's results are
@@ -35,6 +40,7 @@ from splitlm.protocol import (Adapter, AdapterGlobal, Backward, Forward, Hello, 
 from .aggregate import apply_delta, subtract
 from .batching import StepInput
 from .body import Body, PendingStep
+from .replicas import Lockstep, ReplicaGroup, SyncedRounds, check_replicable, head_average
 from .state import (STATE_FILE, Progress, Resume, ServerState, StateError, describe_resume, save_state,
                     server_resume)
 from .step_queue import BatchConfig, StepQueue
@@ -51,10 +57,13 @@ def frame_limit(cfg: ServeConfig, hidden_size: int) -> int:
 class SplitStrategy(Strategy):
     mode = "split"
 
-    def __init__(self, body: Body, cfg: ServeConfig, *, batching: BatchConfig = BatchConfig(), log=print):
+    def __init__(self, body: Body, cfg: ServeConfig, *, batching: BatchConfig = BatchConfig(),
+                 replicas: ReplicaGroup | None = None, log=print):
         super().__init__(cfg, log=log)
         if batching.wait_s > 0 and batching.optimizer == "per-device" and body.cfg.full:
             raise ValueError("per-device batching recovers LoRA gradients per device; with --full use per-batch")
+        if replicas is not None:
+            check_replicable(body_cfg=body.cfg, cfg=cfg, batching=batching)
         self.body = body
         self.limits = Limits(max_frame_bytes=max(frame_limit(cfg, body.hidden_size), cfg.max_chunk_bytes + (1 << 20)),
                              hidden_size=body.hidden_size, max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len)
@@ -75,7 +84,23 @@ class SplitStrategy(Strategy):
         self.steps = (StepQueue(self._body_batch, lock=self._body_lock, cfg=batching,
                                  expected=lambda: max(len(self.conns), cfg.min_clients))
                       if batching.wait_s > 0 and body.cfg.labels == "server" else None)
+        self.replicas = replicas
+        if replicas is not None:
+            self._replicate(replicas)
         self.stopping = False
+
+    def _replicate(self, group: ReplicaGroup) -> None:
+        """Steps and round ends at ticks every replica agrees on (see `replicas`), from replica 0's body init."""
+        group.broadcast(self.body.optimizer.param_groups[0]["params"])
+        names = sorted(self._head_shapes)
+        self.rounds = SyncedRounds(wake=lambda: self.steps.wake(), deadline_s=self.cfg.round_deadline_s,
+                                   close=self._close_round, min_reports=self.cfg.min_clients, log=self.log)
+        self.steps = Lockstep(group, run=self._run, rounds=self.rounds, lock=self._body_lock,
+                              connected=lambda: set(self.conns),
+                              step=lambda items, g: self.body.step_batch(items, per_device=False, reduce=g.sum_tensors),
+                              head_sum=lambda reports, g: head_average(reports, names, self._head_shapes, g),
+                              close_round=lambda head: self.rounds.close(head=head), wait_s=self.batching.wait_s,
+                              max_devices=self.batching.max_devices, min_clients=self.cfg.min_clients)
 
     @property
     def round(self) -> int:
@@ -94,6 +119,10 @@ class SplitStrategy(Strategy):
         body = f"body on {self.body.device}" + ("" if b.quant == "none" else f" in {b.quant}")
         batches = (f", batches of up to {self.batching.max_devices} devices within {self.batching.wait_s * 1000:g} ms "
                    f"({self.batching.optimizer} optimizer steps)" if self.steps is not None else "")
+        if self.replicas is not None:
+            r = self.replicas.cfg
+            batches = (f", replica {r.rank} of {r.world} ({r.dist_url}): gradients all-reduced each step, batches "
+                       f"of all replicas' devices within {self.batching.wait_s * 1000:g} ms")
         return (f"model {self.body.path.name}, split at {b.cut}, labels at the {b.labels}, wire {self.cfg.codec}, "
                 f"{body}{batches}")
 
@@ -104,7 +133,7 @@ class SplitStrategy(Strategy):
         self.body.check_hello(hello)
 
     async def join(self, conn: Conn, hello: Hello) -> list:
-        progress = (self.progress.get(hello.client_id) if hello.resume_step is not None else None) or Progress()
+        progress = (self.progress.get(hello.client_id) if hello.resume_step is not None else None) or self._newcomer(hello)
         last = progress.last_backward
         try:
             plan = server_resume(server_next=progress.step, client_next=hello.resume_step,
@@ -120,6 +149,14 @@ class SplitStrategy(Strategy):
                           head_adapter=self.global_head, mode=self.mode, update_codec=self.cfg.update_codec,
                           rounds=self.cfg.rounds)
         return [welcome, last] if plan is Resume.RESEND else [welcome]
+
+    def _newcomer(self, hello: Hello) -> Progress:
+        """A client this server has no progress for. A replica takes one that comes with a step from
+        another replica at that step: the synced body already holds every step it got a backward for."""
+        if self.replicas is None or hello.resume_step is None:
+            return Progress()
+        self.log(f"client {hello.client_id}: taken over from another replica at its step {hello.resume_step}")
+        return Progress(step=hello.resume_step)
 
     # ------------------------------------------------------------------ training steps
 
@@ -205,9 +242,10 @@ class SplitStrategy(Strategy):
         await self.rounds.report(conn.client_id, report, set(self.conns))
         return []
 
-    async def _close_round(self, reports: dict) -> None:
+    async def _close_round(self, reports: dict, *, head: dict[str, np.ndarray] | None = None) -> None:
+        """`head`: the new global head when it was averaged elsewhere (over every replica's reports)."""
         finished = self.round - 1
-        self.global_head, updates = self._combine_heads(finished, reports)
+        self.global_head, updates = (head, {}) if head is not None else self._combine_heads(finished, reports)
         metrics = self._round_metrics(finished, reports) | {"updates": updates, "refused": self.take_refusals()}
         self.board.round_closed(metrics)
         async with self._body_lock:  # no step in flight: body and counters in the state agree
@@ -314,8 +352,11 @@ class SplitStrategy(Strategy):
                  + f"; {len(self.rounds.reports)} reported this round")
 
     def start(self) -> None:
-        """Once listening: a restored round that already has reports closes at the deadline even if nobody returns."""
+        """Once listening: a restored round that already has reports closes at the deadline even if nobody returns;
+        replicas start ticking."""
         self.rounds.start_deadline()
+        if self.replicas is not None:
+            self.steps.start()
 
     # ------------------------------------------------------------------ leaving
 

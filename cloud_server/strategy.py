@@ -208,14 +208,15 @@ class Rounds:
             self._deadline = None
             await self.close()
 
-    async def close(self) -> None:
-        """Close the open round with the reports it has: the strategy aggregates them."""
+    async def close(self, **kw) -> None:
+        """Close the open round with the reports it has: the strategy aggregates them (`kw`: what the
+        strategy's close takes besides them, e.g. a replicated server's head averaged over replicas)."""
         if self._deadline is not None and self._deadline is not asyncio.current_task():
             self._deadline.cancel()
         self._deadline = None
         reports, self.reports, self.awaited = self.reports, {}, set()
         self.number += 1
-        await self._close(reports)
+        await self._close(reports, **kw)
 
     def cancel_deadline(self) -> None:
         if self._deadline is not None:

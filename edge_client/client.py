@@ -9,7 +9,9 @@ Every R steps: adapter{round, lora, n_samples} -> adapter_global{round, averaged
 
 When a link that once worked drops, the client reconnects (backoff 0.5 s doubling to 8 s,
 `reconnect_tries` in a row); when nothing ever answered, it stops at once (`NeverConnected`),
-since retrying a wrong address or a server not yet started only hides the mistake. It and says in hello.resume_step which step it runs next; welcome.step is the server's answer and
+since retrying a wrong address or a server not yet started only hides the mistake. Given a
+replicated server's replicas (`replica_order`), it starts on its own and, when that one drops and
+does not answer the first reconnect, moves on to the next. It says in hello.resume_step which step it runs next; welcome.step is the server's answer and
 `state.client_resume` what follows (go on / apply the re-sent backward / rewind to the round end).
 With `state` set, everything training changes is saved after every step, so `resume` goes on after
 the process itself died.
@@ -90,17 +92,30 @@ class NeverConnected(SplitLMError):
     """The first connection failed: nothing at the address ever answered as a splitlm server."""
 
 
-def open_connection(cfg: EdgeConfig):
-    """`async with open_connection(cfg) as ws:` one connection to the server: TLS for wss://, and a
-    freshly signed credential header when the device has one (a new signature each call)."""
+def replica_order(url: str, client_id: str) -> list[str]:
+    """The addresses a device tries, in order: `url` may list a replicated server's replicas
+    (comma-separated); the device's own comes first, picked by a stable hash of its client id (the
+    same device always lands on the same replica), then the ones after it, round the list."""
+    import hashlib
+
+    urls = url.split(",")
+    home = int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:8], "big") % len(urls)
+    return urls[home:] + urls[:home]
+
+
+def open_connection(cfg: EdgeConfig, url: str | None = None):
+    """`async with open_connection(cfg) as ws:` one connection to the server (`url`, default cfg.url):
+    TLS for wss://, and a freshly signed credential header when the device has one (a new signature
+    each call)."""
     headers = None
     if cfg.credential is not None:
         credential = Credential.load(cfg.credential)
         if credential.client_id != cfg.client_id:
             raise AuthError(f"client id {cfg.client_id!r}: the credential is for {credential.client_id!r}")
         headers = {"Authorization": credential.header()}
-    return connect(cfg.url, max_size=None, compression=None, ping_interval=20, ping_timeout=120,
-                   additional_headers=headers, ssl=client_tls(cfg.url, cfg.ca))
+    url = url or cfg.url
+    return connect(url, max_size=None, compression=None, ping_interval=20, ping_timeout=120,
+                   additional_headers=headers, ssl=client_tls(url, cfg.ca))
 
 
 def refusal(url: str, e: BaseException) -> AuthError | None:
@@ -192,6 +207,8 @@ class EdgeClient:
         self.exchange_due = False       # the last step closed a round; its adapter exchange is still to do
         self.last_loss = math.nan
         self.snapshot: Position | None = None  # at the last round end; None until the first welcome
+        self.urls = replica_order(cfg.url, cfg.client_id)  # one, or a replicated server's replicas
+        self._at = 0  # which of them this device is on
         if cfg.resume:
             self._load()
 
@@ -341,26 +358,33 @@ class EdgeClient:
         """Train to the last step, reconnecting when the link drops; the meter's summary."""
         self._failures, answered = 0, False
         while True:
+            url = self.urls[self._at]
             try:
-                async with open_connection(self.cfg) as ws:
+                async with open_connection(self.cfg, url) as ws:
                     answered = True
                     await self._session(ws)
                 return self.meter.summary()
             except (ConnectionClosed, InvalidHandshake, OSError) as e:  # OSError: refused, timed out
-                fatal = refusal(self.cfg.url, e)  # refused (always final), or TLS on one side only (final at first)
+                fatal = refusal(url, e)  # refused (always final), or TLS on one side only (final at first)
                 if fatal is not None and (not answered or isinstance(e, InvalidStatus)):
                     raise fatal from e
-                if not answered:
-                    raise NeverConnected(f"nothing ever answered at {self.cfg.url} ({type(e).__name__}: {e}): "
+                if not answered and self._at == len(self.urls) - 1:
+                    raise NeverConnected(f"nothing ever answered at {', '.join(self.urls)} ({type(e).__name__}: {e}): "
                                          "is `splitlm serve` running there? (reconnects with backoff follow only "
                                          "a link that once worked)") from e
+                if not answered:  # a replica not answering: the next one, at once
+                    self._at += 1
+                    continue
                 self._failures += 1
+                if len(self.urls) > 1 and self._failures > 1:  # its replica did not come back: fail over
+                    self._at = (self._at + 1) % len(self.urls)
                 if self._failures > self.cfg.reconnect_tries:
-                    raise LinkLost(f"lost the server at {self.cfg.url} at step {self.step} "
+                    raise LinkLost(f"lost the server at {url} at step {self.step} "
                                    f"({type(e).__name__}: {e}); gave up after {self.cfg.reconnect_tries} "
                                    "reconnect tries") from e
                 delay = backoff_s(self._failures)
-                print(f"{self.cfg.client_id}: link lost at step {self.step} ({type(e).__name__}); reconnecting in "
+                to = f" to {self.urls[self._at]}" if len(self.urls) > 1 else ""
+                print(f"{self.cfg.client_id}: link lost at step {self.step} ({type(e).__name__}); reconnecting{to} in "
                       f"{delay:g} s (try {self._failures}/{self.cfg.reconnect_tries})", file=sys.stderr, flush=True)
                 await asyncio.sleep(delay)
 

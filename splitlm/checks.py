@@ -101,9 +101,34 @@ def _serve_scale(args) -> None:
     if args.batch_wait_ms > 0 and args.labels == "device":
         raise SplitLMError("--batch-wait-ms: U-shape steps (--labels device) hold the body from forward to tail_grad "
                            "and run one at a time; batching is for --labels server so far")
-    if args.batch_wait_ms > 0 and args.batch_optimizer == "per-device" and args.full:
+    if args.batch_wait_ms > 0 and (args.batch_optimizer or "per-device") == "per-device" and args.full \
+            and args.replicas == 1:
         raise SplitLMError("--batch-optimizer per-device: per-device gradients are recovered for LoRA only; "
                            "with --full use --batch-optimizer per-batch")
+    _replicas(args)
+
+
+def _replicas(args) -> None:
+    """--replicas N: split, labels at the server, a LoRA body, per-batch steps, mean aggregation, a fresh start."""
+    _at_least(args, replicas=1)
+    if not 0 <= args.replica_rank < args.replicas:
+        raise SplitLMError(f"--replica-rank: expected 0..{args.replicas - 1} (--replicas {args.replicas}), "
+                           f"got {args.replica_rank}")
+    if args.replicas == 1:
+        return
+    wrong = [what for what, bad in (
+        (f"--mode {args.mode} (replicas are split bodies)", args.mode != "split"),
+        ("--labels device (a U-shape step holds one replica's body between two frames)", args.labels == "device"),
+        ("--full (replicas keep a LoRA body)", args.full),
+        ("--batch-optimizer per-device (replicas step on the mean over all devices: per-batch)",
+         args.batch_optimizer == "per-device"),
+        ("--aggregate/--clip-norm (the head average is summed across replicas)",
+         args.aggregate != "mean" or args.clip_norm is not None),
+        ("--resume (each replica's state is its own; start the replicas afresh)", args.resume)) if bad]
+    if wrong:
+        raise SplitLMError("--replicas does not support " + "; ".join(wrong))
+    if not args.dist_url.startswith(("tcp://", "file://", "env://")):
+        raise SplitLMError(f"--dist-url: expected tcp://HOST:PORT (or file://, env://), got {args.dist_url!r}")
 
 
 def _edge(args) -> None:
@@ -113,12 +138,14 @@ def _edge(args) -> None:
     Noise(args.grad_clip, args.grad_noise)
     if args.resume and not args.state:
         raise SplitLMError("--resume needs --state FILE: the state to continue from")
-    if not args.url.startswith(("ws://", "wss://")):
-        raise SplitLMError(f"url: expected ws://HOST:PORT or wss://HOST:PORT, got {args.url!r}")
+    for url in args.url.split(","):  # several: a replicated server's replicas (`serve --replicas`)
+        if not url.startswith(("ws://", "wss://")):
+            raise SplitLMError(f"url: expected ws://HOST:PORT or wss://HOST:PORT (or several, comma-separated: "
+                               f"the replicas of one server), got {url!r}")
     for option in ("credential", "ca"):
         if getattr(args, option):
             _file(f"--{option}", getattr(args, option))
-    if args.ca and not args.url.startswith("wss://"):
+    if args.ca and not all(url.startswith("wss://") for url in args.url.split(",")):
         raise SplitLMError(f"--ca is for wss:// servers; {args.url} is plain ws://")
     bundle = Path(args.bundle)
     if not (bundle / "manifest.json").is_file():

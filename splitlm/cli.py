@@ -184,9 +184,17 @@ def _strategy(args: argparse.Namespace, cfg, log):
         body = Body(BodyConfig(model=args.model, cut=args.cut, labels=args.labels, lora_rank=args.lora_rank,
                                lora_alpha=args.lora_alpha, lora_targets=targets, lr=args.lr, full=args.full,
                                seed=args.seed, device=args.device, quant=args.body_quant))
+        optimizer = args.batch_optimizer or ("per-batch" if args.replicas > 1 else "per-device")
         batching = BatchConfig(wait_s=args.batch_wait_ms / 1000, max_devices=args.batch_max_devices,
-                               optimizer=args.batch_optimizer)
-        return SplitStrategy(body, cfg, batching=batching, log=log)
+                               optimizer=optimizer)
+        replicas = None
+        if args.replicas > 1:
+            from splitlm.cloud_server.replicas import ReplicaConfig, ReplicaGroup
+
+            log(f"replica {args.replica_rank} of {args.replicas}: joining the group at {args.dist_url} ...")
+            replicas = ReplicaGroup(ReplicaConfig(world=args.replicas, rank=args.replica_rank, dist_url=args.dist_url,
+                                                  timeout_s=args.dist_timeout), device=body.device, log=log)
+        return SplitStrategy(body, cfg, batching=batching, replicas=replicas, log=log)
     from splitlm.cloud_server.global_model import GlobalConfig, GlobalModel
 
     model = GlobalModel(GlobalConfig(model=args.model, train=args.train, lora_rank=args.lora_rank,
@@ -407,13 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split, labels at the server: run steps from different devices that arrive within this many "
                         "ms as one body batch (0: one step at a time)")
     p.add_argument("--batch-max-devices", type=int, default=8, help="a batch closes at once with this many devices")
-    p.add_argument("--batch-optimizer", default="per-device", choices=("per-device", "per-batch"),
-                   help="per-device: one AdamW step per device's gradient (all taken at the batch's weights); "
-                        "per-batch: one AdamW step on the mean of the devices' gradients")
+    p.add_argument("--batch-optimizer", choices=("per-device", "per-batch"),
+                   help="per-device (default): one AdamW step per device's gradient (all taken at the batch's "
+                        "weights); per-batch (default and only choice with --replicas): one AdamW step on the mean "
+                        "of the devices' gradients")
+    r = p.add_argument_group("replicas (split; see README: the server at scale)")
+    r.add_argument("--replicas", type=int, default=1,
+                   help="body replicas in all, each a `splitlm serve` of its own; gradients all-reduced each step")
+    r.add_argument("--replica-rank", type=int, default=0, help="this replica's number, 0..REPLICAS-1")
+    r.add_argument("--dist-url", default="tcp://127.0.0.1:29500",
+                   help="torch.distributed init address: replica 0 listens there, the others connect")
+    r.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="seconds a collective waits for a hung replica before the others go on without it")
     p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("edge", help="train on this device against a splitlm server (no torch needed)")
-    p.add_argument("url", help="ws://HOST:PORT")
+    p.add_argument("url", help="ws://HOST:PORT, or a replicated server's replicas comma-separated "
+                               "(ws://A:8765,ws://B:8765: this device's own by a hash of its client id, then the next)")
     p.add_argument("--bundle", required=True, help="the bundle folder `splitlm export` wrote")
     p.add_argument("--data", required=True, help=".txt, or .jsonl of {text} or {prompt, completion}")
     group = p.add_mutually_exclusive_group()

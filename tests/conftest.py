@@ -124,16 +124,28 @@ def smollm2() -> Path:
 class ServerProcess:
     """`splitlm serve ... --port 0` as a real subprocess; `.url` once it listens; `.lines` its log."""
 
-    def __init__(self, *args: str, timeout: float = 120):
+    def __init__(self, *args: str, timeout: float = 120, wait: bool = True):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitlm.cli", "serve", *args, "--port", "0", "--threads", "1"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = None
+        if wait:
+            self.wait_listening(timeout)
+
+    @classmethod
+    def many(cls, *arg_lists: list[str], timeout: float = 120) -> list["ServerProcess"]:
+        """Several servers started at once (replicas wait for each other before they listen)."""
+        servers = [cls(*args, wait=False) for args in arg_lists]
+        for s in servers:
+            s.wait_listening(timeout)
+        return servers
+
+    def wait_listening(self, timeout: float) -> None:
         import re
         import threading
         import time
 
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "splitlm.cli", "serve", *args, "--port", "0", "--threads", "1"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
-        self.url = None
         for line in self.proc.stdout:
             self.lines.append(line)
             match = re.search(r"listening on (wss?://\S+)", line)

@@ -1,4 +1,4 @@
-"""`serve --device/--body-quant/--batch-*`: combinations that cannot work are one line, exit status 2,
+"""`serve --device/--body-quant/--batch-*/--replicas`: combinations that cannot work are one line, exit status 2,
 before any model is loaded."""
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ from .conftest import run_cli
     ("--batch-max-devices 0", "--batch-max-devices: expected an integer >= 1, got 0"),
     ("--mode fedavg --body-quant nf4", "for the split body so far, not --mode fedavg"),
     ("--body-quant nf8", "argument --body-quant: invalid choice: 'nf8'"),
+    ("--replicas 2 --replica-rank 2", "--replica-rank: expected 0..1 (--replicas 2), got 2"),
+    ("--replicas 2 --labels device --batch-optimizer per-device",
+     "--replicas does not support --labels device (a U-shape step holds one replica's body between two frames); "
+     "--batch-optimizer per-device"),
+    ("--replicas 2 --aggregate median", "--replicas does not support --aggregate/--clip-norm"),
+    ("--replicas 2 --dist-url 127.0.0.1:29500", "--dist-url: expected tcp://HOST:PORT"),
 ])
 def test_impossible_scale_options_are_refused_up_front(tiny_llama, args, needle):
     r = run_cli("serve", str(tiny_llama), "--cut", "2", *shlex.split(args), timeout=60)
