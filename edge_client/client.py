@@ -168,6 +168,9 @@ def make_client(cfg: EdgeConfig):
     if cfg.privacy != PrivacySettings():
         raise SplitLMError(f"--clip/--noise/--grad-*: a {mode} device sends no activations or gradients, "
                            "only what the round exchanges; these options are for split bundles")
+    if cfg.state is not None or cfg.resume:
+        raise SplitLMError(f"--state/--resume: a {mode} device keeps no state file yet (split only); after a "
+                           "dropped link it rejoins the open round from the server's global without one")
     from .federated import FederatedClient
     return FederatedClient(cfg)
 
@@ -175,6 +178,58 @@ def make_client(cfg: EdgeConfig):
 def backoff_s(failures: int) -> float:
     """Seconds before reconnect try `failures` (1, 2, ...): 0.5, 1, 2, 4, 8, 8, ..."""
     return min(0.5 * 2 ** (failures - 1), 8.0)
+
+
+class Reconnects:
+    """The edge's reconnect policy, the same in every mode: run a session on a connection to the
+    server until it returns; when a link that once worked drops, reconnect with backoff
+    (`reconnect_tries` in a row; the session calls `joined()` once the server took it back, which
+    resets the count); when nothing ever answered, or the server refused the device, stop at once.
+
+    `cfg.url` may list a replicated server's replicas (`replica_order`): the device starts on its
+    own, moves on at once past one that never answered, and fails over to the next when its
+    replica does not come back at the first reconnect."""
+
+    def __init__(self, cfg: EdgeConfig):
+        self.cfg, self.failures = cfg, 0
+        self.urls = replica_order(cfg.url, cfg.client_id)  # one, or a replicated server's replicas
+        self.at = 0  # which of them this device is on
+
+    def joined(self) -> None:
+        self.failures = 0
+
+    async def run(self, session, *, where) -> None:
+        """`session(ws)` until it returns; `where()` says how far the device got, for messages."""
+        answered = False
+        while True:
+            url = self.urls[self.at]
+            try:
+                async with open_connection(self.cfg, url) as ws:
+                    answered = True
+                    await session(ws)
+                return
+            except (ConnectionClosed, InvalidHandshake, OSError) as e:  # OSError: refused, timed out
+                fatal = refusal(url, e)  # refused (always final), or TLS on one side only (final at first)
+                if fatal is not None and (not answered or isinstance(e, InvalidStatus)):
+                    raise fatal from e
+                if not answered and self.at == len(self.urls) - 1:
+                    raise NeverConnected(f"nothing ever answered at {', '.join(self.urls)} ({type(e).__name__}: {e}): "
+                                         "is `splitlm serve` running there? (reconnects with backoff follow only "
+                                         "a link that once worked)") from e
+                if not answered:  # a replica not answering: the next one, at once
+                    self.at += 1
+                    continue
+                self.failures += 1
+                if len(self.urls) > 1 and self.failures > 1:  # its replica did not come back: fail over
+                    self.at = (self.at + 1) % len(self.urls)
+                if self.failures > self.cfg.reconnect_tries:
+                    raise LinkLost(f"lost the server at {url} {where()} ({type(e).__name__}: {e}); gave up "
+                                   f"after {self.cfg.reconnect_tries} reconnect tries") from e
+                delay = backoff_s(self.failures)
+                to = f" to {self.urls[self.at]}" if len(self.urls) > 1 else ""
+                print(f"{self.cfg.client_id}: link lost {where()} ({type(e).__name__}); reconnecting{to} in "
+                      f"{delay:g} s (try {self.failures}/{self.cfg.reconnect_tries})", file=sys.stderr, flush=True)
+                await asyncio.sleep(delay)
 
 
 class EdgeClient:
@@ -207,8 +262,6 @@ class EdgeClient:
         self.exchange_due = False       # the last step closed a round; its adapter exchange is still to do
         self.last_loss = math.nan
         self.snapshot: Position | None = None  # at the last round end; None until the first welcome
-        self.urls = replica_order(cfg.url, cfg.client_id)  # one, or a replicated server's replicas
-        self._at = 0  # which of them this device is on
         if cfg.resume:
             self._load()
 
@@ -342,7 +395,7 @@ class EdgeClient:
 
     async def _session(self, ws: ClientConnection) -> None:
         await self._hello(ws)
-        self._failures = 0
+        self.link.joined()
         bar = self._progress()
         while True:
             if self.exchange_due:
@@ -356,37 +409,9 @@ class EdgeClient:
 
     async def run(self) -> dict:
         """Train to the last step, reconnecting when the link drops; the meter's summary."""
-        self._failures, answered = 0, False
-        while True:
-            url = self.urls[self._at]
-            try:
-                async with open_connection(self.cfg, url) as ws:
-                    answered = True
-                    await self._session(ws)
-                return self.meter.summary()
-            except (ConnectionClosed, InvalidHandshake, OSError) as e:  # OSError: refused, timed out
-                fatal = refusal(url, e)  # refused (always final), or TLS on one side only (final at first)
-                if fatal is not None and (not answered or isinstance(e, InvalidStatus)):
-                    raise fatal from e
-                if not answered and self._at == len(self.urls) - 1:
-                    raise NeverConnected(f"nothing ever answered at {', '.join(self.urls)} ({type(e).__name__}: {e}): "
-                                         "is `splitlm serve` running there? (reconnects with backoff follow only "
-                                         "a link that once worked)") from e
-                if not answered:  # a replica not answering: the next one, at once
-                    self._at += 1
-                    continue
-                self._failures += 1
-                if len(self.urls) > 1 and self._failures > 1:  # its replica did not come back: fail over
-                    self._at = (self._at + 1) % len(self.urls)
-                if self._failures > self.cfg.reconnect_tries:
-                    raise LinkLost(f"lost the server at {url} at step {self.step} "
-                                   f"({type(e).__name__}: {e}); gave up after {self.cfg.reconnect_tries} "
-                                   "reconnect tries") from e
-                delay = backoff_s(self._failures)
-                to = f" to {self.urls[self._at]}" if len(self.urls) > 1 else ""
-                print(f"{self.cfg.client_id}: link lost at step {self.step} ({type(e).__name__}); reconnecting{to} in "
-                      f"{delay:g} s (try {self._failures}/{self.cfg.reconnect_tries})", file=sys.stderr, flush=True)
-                await asyncio.sleep(delay)
+        self.link = Reconnects(self.cfg)
+        await self.link.run(self._session, where=lambda: f"at step {self.step}")
+        return self.meter.summary()
 
     def _progress(self) -> "_Bar":
         show = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()

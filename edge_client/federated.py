@@ -16,6 +16,10 @@ Every local and KD step is one meter record (`phase`: "local" or "kd", with its 
 round's exchange with the server is one more (`phase`: "exchange": its bytes, wait and compute),
 and each round adds one `phase: "round"` line (the totals of its records) to the metrics file;
 the closing `bye` is a last record.
+
+A dropped link is retried as in split (`client.Reconnects`): the new welcome names the open round
+and (fedavg) carries the global again, so a round cut short is trained again from the global; an
+update the server already had for that round is replaced by the new one.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ import sys
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed
 
 from splitlm.errors import BadMessage, BundleMismatch
 from splitlm.manifest import Bundle
 from splitlm.protocol import FLOAT_CODECS, Bye, Global, Hello, Limits, Logits, Update, Welcome
 from splitlm.public import PublicSet
 
-from .client import EdgeConfig, NeverConnected, open_connection, recv_metered, refusal, send_metered
+from .client import EdgeConfig, Reconnects, recv_metered, send_metered
 from .data import Dataset
 from .local import LocalTrainer
 from .meter import Meter, rss_peak_mb
@@ -308,6 +312,7 @@ class FederatedClient:
 
     async def session(self, ws: ClientConnection) -> None:
         welcome = await self._join(ws)
+        self.link.joined()
         run_round = self.fedavg_round if self.manifest.mode == "fedavg" else self.distill_round
         while not welcome.rounds or self.round < welcome.rounds:
             round = self.round
@@ -326,17 +331,10 @@ class FederatedClient:
         self.meter.end_step(step=self.step - 1, loss=None, round=self.round, phase="exchange")
 
     async def run(self) -> dict:
-        opened = False
-        try:
-            async with open_connection(self.cfg) as ws:
-                opened = True
-                await self.session(ws)
-        except (InvalidHandshake, OSError) as e:
-            if opened:
-                raise
-            if refusal(self.cfg.url, e) is not None:
-                raise refusal(self.cfg.url, e) from e
-            raise NeverConnected(f"nothing answered as a splitlm server at {self.cfg.url} ({type(e).__name__}: {e})") from e
+        """Every round, reconnecting when the link drops: the server's welcome then says which round
+        is open and (fedavg) sends the current global, so a round cut short is trained again from it."""
+        self.link = Reconnects(self.cfg)
+        await self.link.run(self.session, where=lambda: f"in round {self.round}")
         summary = self.meter.summary()  # its per-step means are over every record (local, kd, exchange, bye)
         summary = {"records": summary.pop("steps"), "local_steps": self.step, "kd_steps": self.kd_step,
                    "rounds": len(self.rounds), **summary}

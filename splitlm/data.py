@@ -16,7 +16,6 @@ eos after each example, cut into `seq_len` pieces. A prompt/completion pair is o
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

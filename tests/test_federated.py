@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +13,10 @@ import torch
 from splitlm.demo import write_ledger_data
 from splitlm.edge_client.data import Dataset
 from splitlm.manifest import Bundle
+from splitlm.protocol import Global
 
 from .conftest import ServerProcess, edge_cmd
+from .test_restarts import CuttingRelay
 from .test_torch_free import BLOCKER
 
 ROUNDS, LOCAL, LR, BATCH, SEQ, RANK = 3, 2, 1e-2, 2, 32, 4
@@ -31,8 +32,9 @@ def fed(tiny_whole_bundle, tmp_path_factory):
     return root, bundles
 
 
-def run_devices(server, bundle: Bundle, root, *extra: str, env=None) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen(edge_cmd(server.url, bundle.path, root / f"client-{i}.jsonl", "--batch-size", str(BATCH),
+def run_devices(server, bundle: Bundle, root, *extra: str, env=None, urls=None) -> list[subprocess.CompletedProcess]:
+    urls = urls or [server.url] * 2
+    procs = [subprocess.Popen(edge_cmd(urls[i], bundle.path, root / f"client-{i}.jsonl", "--batch-size", str(BATCH),
                                        "--seq-len", str(SEQ), "--lr", str(LR), "--threads", "1", *extra),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     done = []
@@ -90,15 +92,20 @@ def written_global(folder, train: str) -> dict[str, torch.Tensor]:
             for k, v in load_file(folder / "adapter" / "adapter_model.safetensors").items()}
 
 
-@pytest.mark.parametrize("train", ["lora", "full"])
-def test_fedavg_global_equals_a_centralized_fedavg_simulation(fed, tiny_llama, train, tmp_path):
+@pytest.mark.parametrize("train,cut", [("lora", False), ("full", False), ("lora", True)])
+def test_fedavg_global_equals_a_centralized_fedavg_simulation(fed, tiny_llama, train, cut, tmp_path):
+    """cut: device 0's link dies as round 1's global comes (it never sees it); it reconnects, gets
+    the global with the welcome and trains round 1 from it: the result is the same."""
     root, bundles = fed
     bundle = bundles["fedavg", train]
     server = ServerProcess(str(tiny_llama), "--mode", "fedavg", "--train", train, "--lora-rank", str(RANK),
                            "--rounds", str(ROUNDS), "--local-steps", str(LOCAL), "--update-wire", "f32", "--min-clients", "2",
                            "--out", str(tmp_path / "out"), "--eval", str(root / "eval.jsonl"))
+    relay = CuttingRelay(server.url, cut=lambda msg: isinstance(msg, Global) and msg.round == 1) if cut else None
     try:
-        for r in run_devices(server, bundle, root, "--metrics-out", str(tmp_path / "m.jsonl")):
+        done = run_devices(server, bundle, root, "--metrics-out", str(tmp_path / "m.jsonl"),
+                           urls=[f"ws://127.0.0.1:{relay.port}", server.url] if cut else None)
+        for r in done:
             assert r.returncode == 0, r.stdout + r.stderr
         assert server.proc.wait(timeout=60) == 0, server.log()  # it stops by itself after its rounds
     finally:
@@ -116,6 +123,9 @@ def test_fedavg_global_equals_a_centralized_fedavg_simulation(fed, tiny_llama, t
     metrics = [json.loads((tmp_path / "out" / f"round-{r:04d}" / "metrics.json").read_text()) for r in range(ROUNDS)]
     assert all(m["samples"] == sum(d.n_samples for d in datasets) for m in metrics)
     assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"] + 0.05  # a real number, and training did not blow up
+    if cut:
+        assert relay.cuts == 1 and "link lost in round 0" in done[0].stderr, done[0].stderr
+        assert all(len(m["clients"]) == 2 for m in metrics)  # and (above) both reports counted each round
 
 
 def _update_bytes(bundle: Bundle) -> int:
@@ -165,6 +175,18 @@ def test_distill_bytes_per_round_are_public_tokens_times_k_times_entry_bytes(fed
             overhead = client[direction] - rows * k * entry
             assert 0 < overhead < 4096, (direction, client)
     assert np.isfinite(metrics["eval_loss"]) and np.isfinite(metrics["kd_loss"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--state", "s.npz"], "--state/--resume: a fedavg device keeps no state file yet (split only)"),
+    (["--noise", "1"], "--clip/--noise/--grad-*: a fedavg device sends no activations or gradients"),
+])
+def test_split_only_edge_options_are_refused_before_connecting(fed, flags, message, tmp_path):
+    root, bundles = fed
+    r = subprocess.run(edge_cmd("ws://127.0.0.1:9", bundles["fedavg", "lora"].path, root / "client-0.jsonl", *flags),
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "nothing ever answered" not in r.stderr, r.stderr
+    assert not (tmp_path / "s.npz").exists()
 
 
 def test_a_device_in_the_wrong_mode_or_with_another_public_set_is_refused(fed, tiny_llama, tiny_bundle, tmp_path):

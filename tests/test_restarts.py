@@ -214,10 +214,10 @@ def test_an_edge_client_killed_mid_step_resumes_from_its_state_file(setup, tiny_
 
 class CuttingRelay:
     """A websocket relay that forwards frames both ways, and once cuts both links instead of
-    passing on the server's frame of type `cut_on` for step `cut_step` (the client never sees it)."""
+    passing on the first server frame for which `cut(message)` is true (the client never sees it)."""
 
-    def __init__(self, upstream: str, *, cut_on: type, cut_step: int):
-        self.upstream, self.cut_on, self.cut_step = upstream, cut_on, cut_step
+    def __init__(self, upstream: str, *, cut):
+        self.upstream, self.cut = upstream, cut
         self.cuts = 0
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
@@ -241,7 +241,7 @@ class CuttingRelay:
             async def down():
                 async for frame in server:
                     _, msg = decode(frame, limits=Limits())
-                    if not self.cuts and isinstance(msg, self.cut_on) and msg.step == self.cut_step:
+                    if not self.cuts and self.cut(msg):
                         self.cuts += 1
                         client.transport.abort()  # a dead link, no close handshake
                         server.transport.abort()
@@ -264,7 +264,7 @@ def test_a_dropped_link_reconnects_without_losing_or_doubling_a_step(setup, tiny
     model, data = setup
     bundle, port = tiny_bundle(labels), free_port()
     server = Server(model, labels, tmp_path / "out", port)
-    relay = CuttingRelay(f"ws://127.0.0.1:{port}", cut_on=cut_on, cut_step=ROUND + 1)
+    relay = CuttingRelay(f"ws://127.0.0.1:{port}", cut=lambda msg: isinstance(msg, cut_on) and msg.step == ROUND + 1)
     try:
         out = finish(start_edge(f"ws://127.0.0.1:{relay.port}", bundle, data, tmp_path))
     finally:
