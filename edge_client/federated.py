@@ -17,6 +17,10 @@ round's exchange with the server is one more (`phase`: "exchange": its bytes, wa
 and each round adds one `phase: "round"` line (the totals of its records) to the metrics file;
 the closing `bye` is a last record.
 
+Local, top-k and KD steps run in a worker thread, so the connection keeps answering the server's
+pings through a long round (a SmolLM2 distill round computes for minutes; on the event loop it
+missed the server's 60 s ping timeout and was cut every round).
+
 A dropped link is retried as in split (`client.Reconnects`): the new welcome names the open round
 and (fedavg) carries the global again, so a round cut short is trained again from the global; an
 update the server already had for that round is replaced by the new one.
@@ -24,6 +28,7 @@ update the server already had for that round is replaced by the new one.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import sys
@@ -233,9 +238,9 @@ class FederatedClient:
         return not isinstance(first, Bye)
 
     async def distill_round(self, ws: ClientConnection, welcome: Welcome) -> bool:
-        self.local_steps(welcome.steps_per_round)
+        await asyncio.to_thread(self.local_steps, welcome.steps_per_round)
         with self.meter.compute():
-            indices, values = self.public_topk(welcome.topk)  # (N, k) each
+            indices, values = await asyncio.to_thread(self.public_topk, welcome.topk)  # (N, k) each
         await self._send_logits(ws, indices, values, welcome)
         first = await self._recv(ws, Logits, Bye)
         if isinstance(first, Bye):
@@ -243,7 +248,7 @@ class FederatedClient:
             return False
         t_idx, t_lp = await self._receive_logits(ws, first)
         self._end_exchange()
-        self.kd_steps(welcome.steps_per_round, t_idx, t_lp)
+        await asyncio.to_thread(self.kd_steps, welcome.steps_per_round, t_idx, t_lp)
         self.round = max(first.round, self.round + 1)  # the aggregate may carry the next round's number
         return True
 

@@ -179,7 +179,7 @@ def test_distill_bytes_per_round_are_public_tokens_times_k_times_entry_bytes(fed
 
 @pytest.mark.parametrize("flags,message", [
     (["--state", "s.npz"], "--state/--resume: a fedavg device keeps no state file yet (split only)"),
-    (["--noise", "1"], "--clip/--noise/--grad-*: a fedavg device sends no activations or gradients"),
+    (["--clip", "1", "--noise", "1"], "--clip/--noise/--grad-*: a fedavg device sends no activations or gradients"),
 ])
 def test_split_only_edge_options_are_refused_before_connecting(fed, flags, message, tmp_path):
     root, bundles = fed
