@@ -259,8 +259,11 @@ def integer_zero_points(graph: onnx.GraphProto) -> None:
         packed[:, : (blocks + 1) // 2] = rounded[:, 0::2].astype(np.uint8)
         packed[:, : blocks // 2] |= rounded[:, 1::2].astype(np.uint8) << 4
         zp_name, c_name = f"{node.input[3]}_u4", f"{node.input[1]}_zp_correction"
-        graph.initializer.extend([numpy_helper.from_array(packed.reshape(-1), zp_name),
-                                  numpy_helper.from_array(np.ascontiguousarray(((rounded - zeros) * scales).T), c_name)])
+        if zp_name not in inits:  # a weight shared by several MatMuls is converted once
+            for t in (numpy_helper.from_array(packed.reshape(-1), zp_name),
+                      numpy_helper.from_array(np.ascontiguousarray(((rounded - zeros) * scales).T), c_name)):
+                inits[t.name] = t
+                graph.initializer.append(t)
         node.input[3] = zp_name
         x, y = node.input[0], node.output[0]
         if (x, block) not in sums:  # x's block sums, shared by the MatMuls that read x
