@@ -16,8 +16,9 @@ from splitlm.errors import ExportError
 from splitlm.export.arch import DEFAULT_TARGETS, Arch
 from splitlm.export.graphs import ClientGraphs, export_client_graphs
 from splitlm.export.lora import LoRAInputs, LoRASpec
-from splitlm.export.quantize import (PRESETS, Q4_EMBEDDING_BLOCK, asymmetric_4bit_blocks, drop_unused_initializers,
-                                     pack_uint4, prepare_weights, quantize_graph)
+from splitlm.export.quantize import (BLOCK, PRESETS, Q4_EMBEDDING_BLOCK, HQQWeightOnlyQuantConfig,
+                                     asymmetric_4bit_blocks, drop_unused_initializers, integer_zero_points,
+                                     matmul_nbits, pack_uint4, prepare_weights, quantize_graph)
 
 FAMILIES = ("llama", "gpt2")
 GRAPHS = ("head", "head_grad", "tail")
@@ -27,10 +28,12 @@ EMBEDDING_OP = {"q8": "GatherBlockQuantized", "q4": "GatherBlockQuantized", "int
 # Per-token cosine of the head output against fp32, min over tokens, for a random tiny model
 # (measured: q8 0.99994, q4 0.983, int8 0.9997).
 MIN_HEAD_COSINE = {"q8": 0.999, "q4": 0.97, "int8": 0.995}
-# Initializer bytes after / before (measured 0.27-0.29 for 8-bit, 0.19-0.21 for 4-bit): a byte or half
-# a byte per weight, plus a scale (and a zero point) per block of 32.
-MAX_WEIGHT_RATIO = {"q8": 0.30, "q4": 0.22, "int8": 0.30}
+# Initializer bytes after / before (measured 0.27-0.29 for 8-bit, 0.20-0.223 for 4-bit): a byte or half
+# a byte per weight, plus a scale (and a zero point) per block of 32; q4 also its float zero-point
+# correction (`integer_zero_points`), 4 bytes a block.
+MAX_WEIGHT_RATIO = {"q8": 0.30, "q4": 0.23, "int8": 0.30}
 VOCAB, HIDDEN, BATCH, SEQ = 128, 64, 2, 12
+ZP_CORRECTION_NODES = ("_block_sums", "_zp_correction")
 
 
 def tiny_model(family: str) -> torch.nn.Module:
@@ -120,7 +123,10 @@ def test_every_constant_weight_gets_a_quantized_op(graphs, family, preset):
         ops = {n.op_type for n in model.graph.node}
         assert MATMUL_OP[preset] in ops, graph
         assert graph == "tail" or EMBEDDING_OP[preset] in ops, graph
+        # q4's zero-point corrections (`integer_zero_points`) are quantization parameters, one
+        # float per block like the scales, not weights
         float_weights = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Gather")
+                         and not n.name.endswith(ZP_CORRECTION_NODES)
                          and any(x in inits and inits[x].data_type == TensorProto.FLOAT
                                  and len(inits[x].dims) == 2 for x in n.input)]
         assert float_weights == [], f"{graph}: float weights left on {float_weights}"
@@ -208,7 +214,8 @@ def test_a_weight_shared_by_matmuls_and_gathers_is_quantized_per_layout(tmp_path
     onnx.checker.check_model(model)
     names = [t.name for t in model.graph.initializer]
     assert len(names) == len(set(names))
-    assert not {"MatMul", "Transpose"} & {n.op_type for n in model.graph.node}
+    weight_matmuls = {n.op_type for n in model.graph.node if not n.name.endswith(ZP_CORRECTION_NODES)}
+    assert not {"MatMul", "Transpose"} & weight_matmuls
     # three copies at <= 8 bits plus scales: W and W.T for the MatMuls, W for the two Gathers
     assert sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer) < 3 * 64 * 64 * 1.25
     rng = np.random.default_rng(2)
@@ -263,3 +270,32 @@ def test_4bit_embedding_looks_up_what_its_codes_say_and_stays_within_a_step(tmp_
     rtn_zero = np.round(-low / rtn_step)
     rtn = (np.clip(np.round(blocks / rtn_step + rtn_zero), 0, 15) - rtn_zero) * rtn_step
     assert (error ** 2).sum() < ((rtn.reshape(9, -1)[:, :40] - table) ** 2).sum()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q4_integer_zero_points_compute_the_same_product_as_hqqs_float_ones(graphs, family, tmp_path):
+    """HQQ's float zero points, rewritten as integer ones plus a float correction, give the same
+    head and gradients (float compute, 1e-5) and leave no float zero point; and the q4 preset's
+    MatMulNBits all compute in int8 on those integer zero points."""
+    for graph in ("head", "head_grad"):
+        model = onnx.load(graphs[family] / f"{graph}.onnx")
+        prepare_weights(model.graph)
+        hqq = matmul_nbits(model, HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4))
+        onnx.save(hqq, tmp_path / "float_zp.onnx")
+        integer_zero_points(hqq.graph)
+        drop_unused_initializers(hqq.graph)
+        onnx.save(hqq, tmp_path / "int_zp.onnx")
+        inits = {t.name: t for t in hqq.graph.initializer}
+        nbits = [n for n in hqq.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and all(inits[n.input[3]].data_type == TensorProto.UINT8 for n in nbits)
+        assert sum(n.name.endswith("_zp_correction") for n in hqq.graph.node) == len(nbits)
+        ref, got = session(tmp_path / "float_zp.onnx"), session(tmp_path / "int_zp.onnx")
+        feed = feed_for(ref)
+        for r, g in zip(ref.run(None, feed), got.run(None, feed)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+
+        preset = onnx.load(graphs[family] / f"{graph}.q4.onnx")
+        inits = {t.name: t for t in preset.graph.initializer}
+        for n in (n for n in preset.graph.node if n.op_type == "MatMulNBits"):
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["accuracy_level"] == 4 and inits[n.input[3]].data_type == TensorProto.UINT8, n.name
