@@ -62,35 +62,47 @@ async def device(url: str, i: int, hello: dict, args, hidden: int, stop_at: list
         await ws.send(p.encode(p.Bye(reason="done"), seq=step + 1))
 
 
-async def rate(url: str, n: int, hello: dict, args, hidden: int) -> float:
+async def rate(urls: list[str], n: int, hello: dict, args, hidden: int) -> float:
+    """Steps/s of `n` devices, device i on urls[i % len(urls)]."""
     now = time.monotonic()
     stop_at = [now + args.warmup + args.seconds, now + args.warmup]
     counts = [0] * n
-    await asyncio.gather(*(device(url, i, hello, args, hidden, stop_at, counts) for i in range(n)))
+    await asyncio.gather(*(device(urls[i % len(urls)], i, hello, args, hidden, stop_at, counts) for i in range(n)))
     return sum(counts) / args.seconds
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, *, wait_help: str, devices: list[int]) -> argparse.Namespace:
+    """The options this bench and bench_replicas share."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", help="a model folder (default: the tests' tiny random Llama, built here)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=6.0, help="measured window per point")
     ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--wait-ms", type=float, default=50.0, help="--batch-wait-ms of the batched server")
-    ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    args = ap.parse_args()
+    ap.add_argument("--wait-ms", type=float, default=50.0, help=wait_help)
+    ap.add_argument("--devices", type=int, nargs="+", default=devices)
+    return ap.parse_args()
+
+
+def model_and_hello(args, tmp: str) -> tuple[Path, int, dict]:
+    """The model folder (--model, or the tests' tiny Llama built in `tmp`), its hidden size, and the
+    hello fields every synthetic device sends (cut 2, LoRA r 8 on q and v)."""
     from transformers import AutoConfig
 
+    if args.model:
+        model = Path(args.model)
+    else:
+        from tests.conftest import build_tiny_model
+        model = build_tiny_model("llama", Path(tmp) / "tiny-llama")
+    hello = dict(model_hash=model_folder_hash(model), cut=2, labels="server", lora_rank=8, lora_alpha=16.0,
+                 lora_targets=("self_attn.q_proj", "self_attn.v_proj"), codecs=("f32", "f16", "q8"))
+    return model, AutoConfig.from_pretrained(model).hidden_size, hello
+
+
+def main() -> None:
+    args = parse_args(__doc__, wait_help="--batch-wait-ms of the batched server", devices=[1, 2, 4, 8])
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            model = Path(args.model)
-        else:
-            from tests.conftest import build_tiny_model
-            model = build_tiny_model("llama", Path(tmp) / "tiny-llama")
-        config = AutoConfig.from_pretrained(model)
-        hello = dict(model_hash=model_folder_hash(model), cut=2, labels="server", lora_rank=8, lora_alpha=16.0,
-                     lora_targets=("self_attn.q_proj", "self_attn.v_proj"), codecs=("f32", "f16", "q8"))
+        model, hidden, hello = model_and_hello(args, tmp)
         modes = {"one at a time": [],
                  "batched per-device": ["--batch-wait-ms", str(args.wait_ms), "--batch-optimizer", "per-device"],
                  "batched per-batch": ["--batch-wait-ms", str(args.wait_ms), "--batch-optimizer", "per-batch"]}
@@ -100,7 +112,7 @@ def main() -> None:
         for name, extra in modes.items():
             proc, url = start_server(model, args, extra)
             try:
-                rates = [asyncio.run(rate(url, n, hello, args, config.hidden_size)) for n in args.devices]
+                rates = [asyncio.run(rate([url], n, hello, args, hidden)) for n in args.devices]
             finally:
                 proc.terminate()
                 proc.wait()

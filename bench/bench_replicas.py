@@ -16,7 +16,6 @@ machines each get half the devices' compute; the ratio here is a floor for that.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 import socket
@@ -24,13 +23,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest: the tiny model; bench_batching
 
-from bench.bench_batching import CLI, device  # noqa: E402
-from splitlm.manifest import model_folder_hash  # noqa: E402
+from bench.bench_batching import CLI, model_and_hello, parse_args, rate  # noqa: E402
 
 
 def start_servers(model: Path, world: int, args) -> tuple[list[subprocess.Popen], list[str]]:
@@ -51,43 +48,17 @@ def start_servers(model: Path, world: int, args) -> tuple[list[subprocess.Popen]
     return procs, urls
 
 
-async def rate(urls: list[str], n: int, hello: dict, args, hidden: int) -> float:
-    """Steps/s of `n` devices, device i on urls[i % len(urls)]."""
-    now = time.monotonic()
-    stop_at = [now + args.warmup + args.seconds, now + args.warmup]
-    counts = [0] * n
-    await asyncio.gather(*(device(urls[i % len(urls)], i, hello, args, hidden, stop_at, counts) for i in range(n)))
-    return sum(counts) / args.seconds
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="a model folder (default: the tests' tiny random Llama, built here)")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=6.0, help="measured window per point")
-    ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--wait-ms", type=float, default=50.0, help="--batch-wait-ms of every server")
-    ap.add_argument("--devices", type=int, nargs="+", default=[2, 4, 8])
-    args = ap.parse_args()
-    from transformers import AutoConfig
-
+    args = parse_args(__doc__, wait_help="--batch-wait-ms of every server", devices=[2, 4, 8])
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            model = Path(args.model)
-        else:
-            from tests.conftest import build_tiny_model
-            model = build_tiny_model("llama", Path(tmp) / "tiny-llama")
-        config = AutoConfig.from_pretrained(model)
-        hello = dict(model_hash=model_folder_hash(model), cut=2, labels="server", lora_rank=8, lora_alpha=16.0,
-                     lora_targets=("self_attn.q_proj", "self_attn.v_proj"), codecs=("f32", "f16", "q8"))
+        model, hidden, hello = model_and_hello(args, tmp)
         print(f"server steps/s, {model.name}, device batch {args.batch_size} x {args.seq_len} tokens, "
               f"{args.seconds:g} s per point, 1 torch thread per server, per-batch steps within {args.wait_ms:g} ms")
         rates = {}
         for world in (1, 2):
             procs, urls = start_servers(model, world, args)
             try:
-                rates[world] = [asyncio.run(rate(urls, n, hello, args, config.hidden_size)) for n in args.devices]
+                rates[world] = [asyncio.run(rate(urls, n, hello, args, hidden)) for n in args.devices]
             finally:
                 for proc in procs:
                     proc.terminate()
