@@ -8,8 +8,8 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
+from bench.fedavg_equality import simulate_fedavg, written_global
 from splitlm.demo import write_ledger_data
 from splitlm.edge_client.data import Dataset
 from splitlm.manifest import Bundle
@@ -44,54 +44,6 @@ def run_devices(server, bundle: Bundle, root, *extra: str, env=None, urls=None) 
     return done
 
 
-def simulate_fedavg(model_dir, train: str, datasets: list[Dataset]) -> dict[str, torch.Tensor]:
-    """FedAvg in one torch process: each device its own copy and its own AdamW (its moments kept
-    across rounds, as the device keeps them), R local steps from the global, sample-weighted mean delta."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    def device_model():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
-        model.requires_grad_(False)
-        if train == "full":
-            return model, {n: p.requires_grad_(True) for n, p in model.named_parameters() if "embed" not in n}
-        torch.manual_seed(0)  # the server's LoRA init, which it sends every device at join
-        peft = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=16.0, lora_dropout=0.0,
-                                                target_modules=["self_attn.q_proj", "self_attn.v_proj"]))
-        return peft, {n: p for n, p in peft.named_parameters() if "lora_" in n}
-
-    devices = [device_model() for _ in datasets]
-    optims = [torch.optim.AdamW(params.values(), lr=LR, weight_decay=0.0) for _, params in devices]
-    glob = {n: p.detach().clone() for n, p in devices[0][1].items()}
-    total = sum(d.n_samples for d in datasets)
-    for r in range(ROUNDS):
-        mean = {n: torch.zeros_like(g) for n, g in glob.items()}
-        for (model, params), optim, data in zip(devices, optims, datasets):
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(glob[n])
-            for i in range(LOCAL):
-                b = data.batch(r * LOCAL + i)
-                loss = model(input_ids=torch.from_numpy(b.input_ids), attention_mask=torch.from_numpy(b.attention_mask),
-                             labels=torch.from_numpy(b.labels)).loss
-                optim.zero_grad()
-                loss.backward()
-                optim.step()
-            for n, p in params.items():
-                mean[n] += (p.detach() - glob[n]) * (data.n_samples / total)
-        glob = {n: glob[n] + mean[n] for n in glob}
-    return glob
-
-
-def written_global(folder, train: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if train == "full":
-        return load_file(folder / "model" / "model.safetensors")
-    return {k.replace(".weight", ".default.weight"): v
-            for k, v in load_file(folder / "adapter" / "adapter_model.safetensors").items()}
-
-
 @pytest.mark.parametrize("train,cut", [("lora", False), ("full", False), ("lora", True)])
 def test_fedavg_global_equals_a_centralized_fedavg_simulation(fed, tiny_llama, train, cut, tmp_path):
     """cut: device 0's link dies as round 1's global comes (it never sees it); it reconnects, gets
@@ -112,7 +64,7 @@ def test_fedavg_global_equals_a_centralized_fedavg_simulation(fed, tiny_llama, t
         if server.proc.poll() is None:
             server.stop()
     datasets = [Dataset.from_file(root / f"client-{i}.jsonl", bundle, seq_len=SEQ, batch_size=BATCH) for i in range(2)]
-    want = simulate_fedavg(tiny_llama, train, datasets)
+    want = simulate_fedavg(tiny_llama, bundle, datasets, rounds=ROUNDS, local_steps=LOCAL, lr=LR)
     got = written_global(tmp_path / "out" / f"round-{ROUNDS - 1:04d}", train)
     for name, value in want.items():
         err = float((got[name] - value).norm() / value.norm().clamp_min(1e-12))
