@@ -48,7 +48,8 @@ class Server:
     def listen(self):
         """An async context manager: `async with server.listen() as ws_server: ...`."""
         return serve(self.connection, self.cfg.host, self.cfg.port, max_size=self.strategy.limits.max_frame_bytes,
-                     compression=None, ping_interval=20, ping_timeout=60, max_queue=MAX_QUEUE,
+                     compression=None, ping_interval=self.cfg.ping_timeout_s / 3,
+                     ping_timeout=self.cfg.ping_timeout_s, max_queue=MAX_QUEUE,
                      process_request=self.process_request, ssl=self.tls)
 
     def process_request(self, connection, request):

@@ -57,6 +57,7 @@ class ServeConfig:
     tls_cert: Path | None = None     # with tls_key: listen for wss://
     tls_key: Path | None = None
     idle_timeout_s: float = 600.0    # a connection that sends nothing this long (and is owed nothing) is closed
+    ping_timeout_s: float = 60.0     # a connection that answers no ping this long is closed (pinged every third of it)
     max_connections: int = 64        # open sockets, handshakes included
     max_attempts: int = 120          # connection attempts per address per minute
     clip_norm: float | None = None   # each device's update to the global is clipped to this L2 norm

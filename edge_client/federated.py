@@ -217,7 +217,7 @@ class FederatedClient:
         # Memory: trainables + their copy at the round start + AdamW's two moments; the trained
         # values turn into the delta in place, and the round's start becomes the trainables again.
         start = {n: a.copy() for n, a in self.trainer.params.items()}
-        self.local_steps(welcome.steps_per_round)
+        await asyncio.to_thread(self.local_steps, welcome.steps_per_round)  # the link answers pings meanwhile
         with self.meter.compute():
             delta = self.trainer.params
             for n in delta:

@@ -94,7 +94,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                       max_seq_len=args.max_seq_len,
                       round_deadline_s=args.round_deadline, out=out, save_state=out is not None,
                       auth=_path(args.auth), tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
-                      idle_timeout_s=args.idle_timeout, step_timeout_s=args.step_timeout,
+                      idle_timeout_s=args.idle_timeout, ping_timeout_s=args.ping_timeout, step_timeout_s=args.step_timeout,
                       max_connections=args.max_connections, max_attempts=args.max_attempts,
                       clip_norm=args.clip_norm, aggregate=args.aggregate,
                       status=not args.no_status)
@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a minority of bad devices (e.g. trimmed:0.2 drops 20%% at each end)")
     t.add_argument("--idle-timeout", type=float, default=600.0,
                    help="close a connection that sends nothing this long while nothing is owed to it (0: never)")
+    t.add_argument("--ping-timeout", type=float, default=60.0,
+                   help="close a connection that answers no websocket ping this long (pinged every third of it); "
+                        "a device answers pings while it computes")
     t.add_argument("--step-timeout", type=float, default=120.0,
                    help="U-shape: how long a step holds the body waiting for the device's tail_grad")
     t.add_argument("--max-connections", type=int, default=64, help="open connections, handshakes included")
