@@ -63,9 +63,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: t
     """Mean next-token cross-entropy over positions whose label is kept (not -100, mask 1).
 
     Labels are aligned with input_ids (as in Hugging Face): logits[:, t] predicts labels[:, t+1].
+    The labels move left (the last position predicts nothing: -100) rather than the logits being
+    cut to T-1: the same sum, but the backward of a logits slice is a zero tensor the size of the
+    logits and a pad into it, two more (B, T, V) buffers (50 MB each for SmolLM2 at 4 x 64).
     """
     labels = torch.where(attention_mask.bool(), labels, torch.full_like(labels, IGNORE_INDEX))
-    logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # (B, T)
     per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)

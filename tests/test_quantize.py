@@ -225,6 +225,30 @@ def test_a_weight_shared_by_matmuls_and_gathers_is_quantized_per_layout(tmp_path
         assert cosine(ref, quant).min() > 0.99
 
 
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_a_transpose_of_a_transpose_of_a_weight_is_quantized_too(tmp_path, preset):
+    """A tied LM head's backward reads its table as Transpose(Transpose(W)): folded only halfway,
+    that MatMul kept a float copy of the whole table in every quantized graph that trains through it."""
+    w = np.random.default_rng(3).standard_normal((64, 96)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["y1"]),            # (n, 96) @ (96, 64)
+             helper.make_node("Transpose", ["wt"], ["wtt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["y1", "wtt"], ["y2"])]          # (n, 64) @ (64, 96)
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 96])],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", 96])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "chain.onnx")
+    quantize_graph(tmp_path / "chain.onnx", tmp_path / "q.onnx", preset=preset)
+    model = onnx.load(tmp_path / "q.onnx")
+    assert "Transpose" not in {n.op_type for n in model.graph.node}
+    big_floats = [t.name for t in model.graph.initializer
+                  if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= w.size // 8]
+    assert big_floats == [], big_floats  # scales are 1/32 of a weight; a float weight is all of it
+    x = np.random.default_rng(4).standard_normal((5, 96)).astype(np.float32)
+    ref, quant = session(tmp_path / "chain.onnx").run(None, {"x": x})[0], session(tmp_path / "q.onnx").run(None, {"x": x})[0]
+    assert cosine(ref, quant).min() > 0.98
+
+
 def test_uint4_packing_puts_the_first_value_in_the_low_nibble():
     assert pack_uint4(np.array([[1, 2], [3, 15]])) == bytes([0x21, 0xF3])
     assert pack_uint4(np.array([1, 2, 3])) == bytes([0x21, 0x03])  # an odd count ends in a half byte
