@@ -90,10 +90,10 @@ def prepare_weights(graph: onnx.GraphProto) -> None:
 def fold_constant_transposes(graph: onnx.GraphProto) -> None:
     """Replace each Transpose of an initializer by the transposed initializer, under its output name.
 
-    Chains fold too (nodes come in topological order): a tied LM head's backward reads its table
-    as Transpose(Transpose(W)), and left half-folded that MatMul's B was no initializer, so it
-    stayed a float copy of the whole table in every "quantized" graph that trains through the
-    head (113 MB of SmolLM2's 135 MB q8 train graph's weight pool was that fp32 table)."""
+    Chains fold too (nodes come in topological order): the whole-model train and kd_grad graphs
+    read the tied LM head's table as Transpose(Transpose(W)) in the backward, and folded only
+    halfway that MatMul's B was no initializer, so a q8 or q4 bundle kept a float copy of the whole
+    table there (SmolLM2: 113 MB, and onnxruntime's transposed copy of it another 113 MB)."""
     inits = {t.name: t for t in graph.initializer}
     kept = []
     for node in graph.node:
