@@ -130,7 +130,7 @@ def device_times(bundle_dir: Path, ids: np.ndarray, **runtime_options) -> dict:
 
 # --- memory, each in a fresh process -----------------------------------------------------------
 
-def memory_child(bundle_dir: str, mode: str, seq: int) -> dict:
+def memory_child(bundle_dir: str, mode: str, seq: int, **runtime_options) -> dict:
     """mode: 'train' (forward + head_grad; labels at the server, so no tail session) or
     'labels-device[-whole]' (forward, tail chunked or in one run, head_grad); '-reuse': head_grad
     with onnxruntime's buffer reuse on (the runtime's default before it was turned off there)."""
@@ -145,7 +145,7 @@ def memory_child(bundle_dir: str, mode: str, seq: int) -> dict:
     if train:
         bundle = Bundle(bundle.path, dataclasses.replace(bundle.manifest, labels="server"))
     rt = HeadRuntime(bundle, threads=1, grad_mem_reuse=mode.endswith("-reuse"),
-                     **({"tail_chunk": None} if mode.endswith("whole") else {}))
+                     **({"tail_chunk": None} if mode.endswith("whole") else {}), **runtime_options)
     ids = np.random.default_rng(0).integers(0, rt.manifest.model.vocab_size, (1, seq), dtype=np.int64)
     mask, loras = np.ones_like(ids), rt.bundle.lora_init()
     peaks = []

@@ -53,13 +53,14 @@ class HeadRuntime:
     """The device's graphs of one bundle: head, its VJP and (labels on device) the tail."""
 
     def __init__(self, bundle: Bundle | str | Path, *, threads: int = 0, share_weights: bool = True,
-                 mem_arena: bool = False, tail_chunk: int | None = TAIL_CHUNK, grad_mem_reuse: bool = False):
+                 mem_arena: bool = False, tail_chunk: int | None = TAIL_CHUNK, grad_mem_reuse: bool = False,
+                 mmap_threshold: int = 1 << 16):
         self.tail_chunk = tail_chunk  # None: the whole batch in one run
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.manifest = self.bundle.manifest
         self.threads, self.mem_arena = threads, mem_arena
         if not mem_arena:
-            give_back_large_blocks()
+            give_back_large_blocks(mmap_threshold)
         self.pool = WeightPool() if share_weights else None
         self.head = self._session("head.onnx")
         # head_grad's peak is the step's peak: there onnxruntime frees each activation after its
