@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
+from splitlm.edge_client.runtime import MMAP_THRESHOLD  # noqa: E402
 
 import bench_device  # noqa: E402
 
@@ -40,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fp32", type=Path)
     ap.add_argument("--variant", default="q4", choices=list(bench_device.VARIANTS))
-    ap.add_argument("--thresholds", type=int, nargs="+", default=[1 << 16, 1 << 20])
+    ap.add_argument("--thresholds", type=int, nargs="+", default=[MMAP_THRESHOLD, 1 << 20])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)

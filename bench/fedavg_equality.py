@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,14 +27,16 @@ from pathlib import Path
 
 import torch
 
-CLI = [sys.executable, "-m", "splitlm.cli"]
+from splitlm.launch import cli_command
 
 
-def simulate_fedavg(model_dir, bundle, datasets, *, rounds: int, local_steps: int, lr: float) -> dict[str, torch.Tensor]:
+def simulate_fedavg(model_dir, bundle, datasets, *, rounds: int, local_steps: int,
+                    lr: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """FedAvg in one torch process: each device its own copy and its own AdamW (its moments kept
     across rounds, as the device keeps them), R local steps from the global, sample-weighted mean
     delta. LoRA: PEFT with the bundle manifest's rank, alpha and targets, initialised as the server
-    initialises it (torch seed 0 before `get_peft_model`); full: every parameter but the embedding."""
+    initialises it (torch seed 0 before `get_peft_model`); full: every parameter but the embedding.
+    Returns (the initial global, the global after `rounds`)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -52,7 +54,7 @@ def simulate_fedavg(model_dir, bundle, datasets, *, rounds: int, local_steps: in
 
     devices = [device_model() for _ in datasets]
     optims = [torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0) for _, params in devices]
-    glob = {n: p.detach().clone() for n, p in devices[0][1].items()}
+    glob = initial = {n: p.detach().clone() for n, p in devices[0][1].items()}
     total = sum(d.n_samples for d in datasets)
     for r in range(rounds):
         mean = {n: torch.zeros_like(g) for n, g in glob.items()}
@@ -70,7 +72,7 @@ def simulate_fedavg(model_dir, bundle, datasets, *, rounds: int, local_steps: in
             for n, p in params.items():
                 mean[n] += (p.detach() - glob[n]) * (data.n_samples / total)
         glob = {n: glob[n] + mean[n] for n in glob}
-    return glob
+    return initial, glob
 
 
 def written_global(folder: Path, train: str) -> dict[str, torch.Tensor]:
@@ -94,6 +96,7 @@ def relative_errors(got: dict, want: dict, init: dict) -> dict[str, tuple[float,
 
 
 def run(args, bundle: Path, tmp: Path) -> dict:
+    from splitlm.compare import ONE_THREAD, start_server
     from splitlm.demo import write_ledger_data
     from splitlm.edge_client.data import Dataset
     from splitlm.manifest import Bundle
@@ -101,34 +104,31 @@ def run(args, bundle: Path, tmp: Path) -> dict:
     b = Bundle.open(bundle)
     write_ledger_data(tmp / "data", clients=2, per_client=12, held_out=4)
     out = tmp / "out"
-    serve = [*CLI, "serve", str(args.model), "--mode", "fedavg", "--train", b.manifest.train, "--rounds", str(args.rounds),
+    serve = cli_command("serve", str(args.model), "--mode", "fedavg", "--train", b.manifest.train, "--rounds", str(args.rounds),
              "--local-steps", str(args.local_steps), "--update-wire", "f32", "--min-clients", "2", "--out", str(out),
-             "--port", "0", "--threads", "1"]
+             "--port", "0", "--threads", "1")
     if b.manifest.train == "lora":
         serve += ["--lora-rank", str(b.manifest.lora.rank)]
-    server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = []
+    env = {**os.environ, **ONE_THREAD}
+    server, url = start_server(serve, tmp / "server.log", env=env)
     try:
-        url = next(m.group(1) for line in server.stdout if not log.append(line)
-                   and (m := re.search(r"listening on (ws://\S+)", line)))
-        devices = [subprocess.Popen([*CLI, "edge", url, "--bundle", str(bundle), "--data", str(tmp / "data" / f"client-{i}.jsonl"),
+        devices = [subprocess.Popen(cli_command("edge", url, "--bundle", str(bundle), "--data", str(tmp / "data" / f"client-{i}.jsonl"),
                                      "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-                                     "--threads", "1", "--metrics-out", str(tmp / f"m-{i}.jsonl")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                                     "--threads", "1", "--metrics-out", str(tmp / f"m-{i}.jsonl")),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
         for p in devices:
             _, err = p.communicate(timeout=7200)
             if p.returncode:
                 raise SystemExit(f"edge failed:\n{err[-3000:]}")
         if server.wait(timeout=600):
-            raise SystemExit("server failed:\n" + "".join(log) + server.stdout.read())
+            raise SystemExit("server failed:\n" + (tmp / "server.log").read_text()[-3000:])
     finally:
         if server.poll() is None:
             server.kill()
     datasets = [Dataset.from_file(tmp / "data" / f"client-{i}.jsonl", b, seq_len=args.seq_len, batch_size=args.batch_size)
                 for i in range(2)]
     torch.set_num_threads(1)
-    want = simulate_fedavg(args.model, b, datasets, rounds=args.rounds, local_steps=args.local_steps, lr=args.lr)
-    init = simulate_fedavg(args.model, b, datasets[:1], rounds=0, local_steps=0, lr=args.lr)  # the initial global
+    init, want = simulate_fedavg(args.model, b, datasets, rounds=args.rounds, local_steps=args.local_steps, lr=args.lr)
     got = written_global(out / f"round-{args.rounds - 1:04d}", b.manifest.train)
     errors = relative_errors(got, want, init)
     steps = [r for i in range(2) for r in map(json.loads, (tmp / f"m-{i}.jsonl").read_text().splitlines())
@@ -164,8 +164,9 @@ def main() -> None:
         bundle = args.bundle
         if bundle is None:
             bundle = tmp / "bundle"
-            subprocess.run([*CLI, "export", str(args.model), "--mode", "fedavg", "--train", args.train, "--quant", "fp32",
-                            "--lora-rank", str(args.lora_rank), "--max-length", "128", "--out", str(bundle)], check=True)
+            subprocess.run(cli_command("export", str(args.model), "--mode", "fedavg", "--train", args.train, "--quant",
+                                       "fp32", "--lora-rank", str(args.lora_rank), "--max-length", "128", "--out",
+                                       str(bundle)), check=True)
         result = run(args, bundle, tmp)
     if args.json:
         print(json.dumps(result))

@@ -47,6 +47,7 @@ SHARE_MIN_BYTES = 1 << 16  # smaller initializers stay inside their graph
 HASH_CHUNK = 1 << 20
 PROVIDERS = ["CPUExecutionProvider"]
 TAIL_CHUNK = 64  # tokens per tail.onnx run: SmolLM2's logits and their gradient, ~1.3 MB a token
+MMAP_THRESHOLD = 1 << 16  # glibc: allocations over this get their own mapping (`give_back_large_blocks`)
 
 
 class HeadRuntime:
@@ -54,7 +55,7 @@ class HeadRuntime:
 
     def __init__(self, bundle: Bundle | str | Path, *, threads: int = 0, share_weights: bool = True,
                  mem_arena: bool = False, tail_chunk: int | None = TAIL_CHUNK, grad_mem_reuse: bool = False,
-                 mmap_threshold: int = 1 << 16):
+                 mmap_threshold: int = MMAP_THRESHOLD):
         self.tail_chunk = tail_chunk  # None: the whole batch in one run
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.manifest = self.bundle.manifest
@@ -159,7 +160,7 @@ def open_session(bundle: Bundle, name: str, *, pool: "WeightPool | None", thread
     return ort.InferenceSession(model, options, providers=PROVIDERS)
 
 
-def give_back_large_blocks(threshold: int = 1 << 16) -> bool:
+def give_back_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     """glibc: every allocation over `threshold` bytes gets its own mapping, unmapped when freed.
 
     By default glibc raises this threshold after each large free (up to 32 MiB), so with the

@@ -64,7 +64,7 @@ def test_fedavg_global_equals_a_centralized_fedavg_simulation(fed, tiny_llama, t
         if server.proc.poll() is None:
             server.stop()
     datasets = [Dataset.from_file(root / f"client-{i}.jsonl", bundle, seq_len=SEQ, batch_size=BATCH) for i in range(2)]
-    want = simulate_fedavg(tiny_llama, bundle, datasets, rounds=ROUNDS, local_steps=LOCAL, lr=LR)
+    _, want = simulate_fedavg(tiny_llama, bundle, datasets, rounds=ROUNDS, local_steps=LOCAL, lr=LR)
     got = written_global(tmp_path / "out" / f"round-{ROUNDS - 1:04d}", train)
     for name, value in want.items():
         err = float((got[name] - value).norm() / value.norm().clamp_min(1e-12))
