@@ -95,6 +95,7 @@ def start_server(cfg: DemoConfig, model: Path) -> tuple[subprocess.Popen, str]:
     print(f"starting the server (loads {model.name}) ...", flush=True)
     proc = subprocess.Popen(cli_command("serve", str(model), "--cut", str(cfg.cut), "--port", "0",
                                         "--steps-per-round", str(cfg.steps_per_round), "--wire", cfg.wire,
+                                        "--min-clients", str(cfg.clients),  # a late starter misses no round
                                         "--out", str(cfg.workdir / "server"), "--threads", "1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300

@@ -80,6 +80,8 @@ def test_the_demo_runs_from_a_folder_holding_a_splitlm_folder_and_names_its_resu
     command = out.strip().splitlines()[-1].strip()
     assert shlex.split(command)[:2] == ["splitlm", "eval"], out
     assert (work / "server" / "round-0000" / "adapter" / "adapter_config.json").is_file()
+    # the server waits for both clients (a slow starter once made round 0 one client's alone)
+    assert "round 0 closed: 2 clients" in (work / "server.log").read_text()
 
 
 def test_no_dependency_noise_in_export_serve_edge_output(demo):
