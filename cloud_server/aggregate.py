@@ -48,13 +48,15 @@ def chunk_names(shapes: dict[str, tuple[int, ...]], *, max_bytes: int, itemsize:
 
 def aggregate_topk(reports: list[tuple[np.ndarray, np.ndarray, int]], *, k: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """KD-FedLLM's aggregation of the devices' top-k logits on the public set.
+    """KD-FedLLM's aggregation of the devices' top-k on the public set.
 
-    `reports` is a list of (indices (N, k_c), logits (N, k_c), n_samples). Each device's top-k
-    logits become a distribution over its k tokens (softmax over those k: the renormalised top-k);
-    the sample-weighted mixture of those distributions is taken over the union of indices, and
-    its k most probable tokens, renormalised, are returned as (indices (N, k) int32,
-    log-probabilities (N, k) float32), most probable first.
+    `reports` is a list of (indices (N, k_c), log-probabilities (N, k_c), n_samples); each row's
+    log-probabilities are over the whole vocabulary (what topk.onnx returns), so they sum to at
+    most 1 and the rest is the device's mass on tokens it did not name. The sample-weighted mixture
+    of the devices' distributions is taken over the union of the named tokens (a device that did
+    not name a token counts 0 for it: a lower bound on the true mixture); its k most probable
+    tokens are returned as (indices (N, k) int32, log-probabilities (N, k) float32), most probable
+    first and not renormalised: 1 - their sum is the mass `kd_loss` keeps in its rest bucket.
     """
     if not reports:
         raise ValueError("aggregate_topk needs at least one report")
@@ -67,7 +69,7 @@ def aggregate_topk(reports: list[tuple[np.ndarray, np.ndarray, int]], *, k: int
             raise ValueError(f"aggregate_topk: every report needs (N={rows}, >= k={k}) indices and values, "
                              f"got {idx.shape} and {val.shape}")
     idx = np.concatenate([np.asarray(i, np.int64) for i, _, _ in reports], axis=1)              # (N, sum k_c)
-    prob = np.concatenate([_softmax(np.asarray(v, np.float64)) * (n / total) for _, v, n in reports], axis=1)
+    prob = np.concatenate([np.exp(np.asarray(v, np.float64)) * (n / total) for _, v, n in reports], axis=1)
     vocab = int(idx.max()) + 1
     keys, inverse = np.unique((np.arange(rows)[:, None] * vocab + idx).ravel(), return_inverse=True)
     mass = np.bincount(inverse, weights=prob.ravel())                  # one entry per (row, token) named
@@ -77,13 +79,7 @@ def aggregate_topk(reports: list[tuple[np.ndarray, np.ndarray, int]], *, k: int
     rank = np.arange(len(row)) - np.searchsorted(row, row)             # position within its row
     keep = rank < k                                                    # every row names >= k tokens
     top_i, top_p = token[keep].reshape(rows, k), mass[keep].reshape(rows, k)
-    logp = np.log(top_p) - np.log(top_p.sum(axis=1, keepdims=True))
-    return top_i.astype(np.int32), logp.astype(np.float32)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return top_i.astype(np.int32), np.log(top_p).astype(np.float32)
 
 
 # ---------------------------------------------------------------- robust aggregation

@@ -5,9 +5,9 @@ size as long as they share the tokenizer.
 
 A round on the wire:
     device             R local steps on its private data (as in fedavg)
-    device -> server   logits{round, chunk i of n, start, indices (N, k), values (N, k) raw logits}
+    device -> server   logits{round, chunk i of n, start, indices (N, k), values (N, k) log-probabilities}
                        covering every public row once (row i = token i of the packed public set)
-    server             aggregate_topk (sample-weighted mixture of the renormalised top-k) ->
+    server             aggregate_topk (sample-weighted mixture over the union, its top k) ->
                        R KD steps of the global model on the public set -> held-out loss
     server -> device   logits{the same round, ..., values = aggregate log-probabilities} to each reporter
     device             KD steps toward the aggregate, then the next round; bye after the last
@@ -34,6 +34,9 @@ from .global_model import GlobalModel
 from .strategy import Conn, ServeConfig, Strategy
 
 
+LOGPROB_SLACK = 1e-2  # f16 on the wire rounds a log-probability near 0 by ~5e-4
+
+
 @dataclass
 class PartialLogits:
     """One device's top-k rows for the open round, as they arrive."""
@@ -58,6 +61,11 @@ class PartialLogits:
         lo, hi = int(msg.indices.min(initial=0)), int(msg.indices.max(initial=0))
         if lo < 0 or hi >= vocab:
             raise BadMessage(f"logits.indices: expected token ids in 0..{vocab - 1}, got {lo if lo < 0 else hi}")
+        values = np.asarray(msg.values, np.float64)
+        row_mass = np.exp(values).sum(axis=1).max(initial=0.0)
+        if values.max(initial=-np.inf) > LOGPROB_SLACK or row_mass > 1 + LOGPROB_SLACK:
+            raise BadMessage(f"logits.values: expected log-probabilities over the whole vocabulary (each <= 0, "
+                             f"a row's probabilities summing to <= 1), got a row summing to {row_mass:.4g}")
         if self.rows[msg.start:msg.start + n].any():
             raise BadMessage(f"logits: rows {msg.start}..{msg.start + n - 1} overlap rows already sent")
         self.received.add(msg.chunk)

@@ -19,6 +19,7 @@ import torch
 
 from splitlm.export.arch import DEFAULT_TARGETS, Arch
 from splitlm.export.bundle import load_model
+from splitlm.export.whole import kd_loss
 from splitlm.manifest import model_folder_hash
 
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])\.default\.weight$")
@@ -120,17 +121,17 @@ class GlobalModel:
         return total / max(count, 1)
 
     def distill_step(self, batch, teacher_idx: np.ndarray, teacher_logp: np.ndarray) -> float:
-        """One AdamW step on KD loss toward the teacher's top-k distribution at every masked
-        position of `batch`: -sum_k p_k log softmax(student)[idx_k], mean over positions.
+        """One AdamW step on the KD loss toward the teacher's top-k log-probabilities at every
+        masked position of `batch` (the device's loss, `export.whole.kd_loss`, from one source).
         `teacher_*` are (N, k) rows in the order of the batch's mask==1 positions."""
         self.model.train()
         mask = torch.from_numpy(batch.attention_mask).to(self.device).bool()            # (B, T)
         logits = self.model(input_ids=torch.from_numpy(batch.input_ids).to(self.device),
                             attention_mask=mask.long()).logits                            # (B, T, V)
-        logp = torch.log_softmax(logits[mask].float(), dim=-1)                           # (N, V)
         idx = torch.from_numpy(np.asarray(teacher_idx, np.int64)).to(self.device)        # (N, k)
-        p = torch.from_numpy(np.asarray(teacher_logp, np.float32)).to(self.device).exp()  # (N, k)
-        loss = -(p * logp.gather(1, idx)).sum(1).mean()
+        lp = torch.from_numpy(np.asarray(teacher_logp, np.float32)).to(self.device)     # (N, k)
+        rows = logits[mask][None]                                                        # (1, N, V)
+        loss = kd_loss(rows, idx[None], lp[None], torch.ones(rows.shape[:2], device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

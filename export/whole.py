@@ -17,10 +17,12 @@ Why one train graph (loss and gradients together) and no separate forward graph:
 needs both, and a joint graph runs the forward once and keeps its activations for the backward; a
 second, forward-only graph would hold a second copy of every frozen weight on the device.
 
-The KD loss is the soft cross-entropy toward the teacher's top-k distribution, renormalised:
-    p = softmax(teacher_logprobs)    L = -sum_k p_k * log_softmax(student)[teacher_indices_k]
-averaged over positions with attention_mask 1. The top-k graph returns the k_max largest logits
-sorted; a session with a smaller k takes their first k columns.
+The top-k graph returns the k_max largest log-probabilities (log_softmax over the whole
+vocabulary, sorted); a session with a smaller k takes their first k columns. Log-probabilities and
+not raw logits, because only they say how much mass lies outside the k named tokens.
+
+The KD loss is the cross-entropy between teacher and student over k + 1 outcomes: the teacher's k
+tokens and "any other token" (see `kd_loss`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .lora import LoRAInputs
 TRAIN_INPUTS = ("input_ids", "attention_mask", "labels")
 KD_INPUTS = ("input_ids", "attention_mask", "teacher_indices", "teacher_logprobs")
 EXAMPLE_K = 5  # teacher k while tracing; the graph takes any k >= 1
+KD_REST_FLOOR = 1e-6  # q_rest's floor in kd_loss: a student with all its mass on k tokens stays finite
 
 
 class _Logits(nn.Module):
@@ -98,7 +101,8 @@ class WholeGraphs:
             return (loss, *torch.autograd.grad(loss, trainables))
 
     def topk(self, input_ids, attention_mask, *trainables):
-        values, indices = torch.topk(self.logits(input_ids, attention_mask, *trainables), self.k_max, dim=-1)
+        logp = torch.log_softmax(self.logits(input_ids, attention_mask, *trainables).float(), dim=-1)
+        values, indices = torch.topk(logp, self.k_max, dim=-1)
         return values, indices.to(torch.int32)  # (B, T, k_max) each
 
     def kd_grad(self, input_ids, attention_mask, teacher_indices, teacher_logprobs, *trainables):
@@ -111,12 +115,23 @@ class WholeGraphs:
 
 def kd_loss(logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_logprobs: torch.Tensor,
             attention_mask: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy toward softmax(teacher_logprobs) over teacher_indices, mean over mask==1."""
-    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    """Cross-entropy from the teacher's top-k to the student over k + 1 outcomes, mean over mask==1:
+
+        L = -sum_k p_k log q_k - p_rest log q_rest,    p = exp(teacher_logprobs),
+        p_rest = max(0, 1 - sum_k p_k),  q = softmax(student)[teacher_indices],  q_rest = 1 - sum_k q_k
+
+    `teacher_logprobs` are log-probabilities over the whole vocabulary (they sum to at most 1).
+    The usual renormalised top-k target (softmax over the k kept) says the other tokens have
+    probability 0, so every step pushes the student to put its whole mass on k tokens: on
+    SmolLM2 that sharpening made the held-out loss rise round after round. The rest bucket keeps
+    the teacher's uncertainty and is still a proper cross-entropy (its minimum is at q = p)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     picked = torch.gather(logp, -1, teacher_indices.long())  # (B, T, k)
-    p = torch.softmax(teacher_logprobs, dim=-1)  # (B, T, k), renormalised over the k kept
-    per_position = -(p * picked).sum(-1)  # (B, T)
-    mask = attention_mask.to(logits.dtype)
+    p = teacher_logprobs.exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    q_rest = (1 - picked.exp().sum(-1)).clamp(min=KD_REST_FLOOR)
+    per_position = -(p * picked).sum(-1) - p_rest * q_rest.log()  # (B, T)
+    mask = attention_mask.to(per_position.dtype)
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -141,7 +156,7 @@ def export_whole_graphs(graphs: WholeGraphs, out: Path, *, distill: bool, max_se
                output_names=["topk_values", "topk_indices"], path=out / "topk.onnx")
         k = torch.export.Dim("k", min=1, max=cfg.vocab_size)
         t_idx = torch.randint(0, cfg.vocab_size, (*ids.shape, EXAMPLE_K), generator=gen, dtype=torch.int32)
-        t_lp = torch.log_softmax(torch.randn(*ids.shape, EXAMPLE_K, generator=gen), -1)
+        t_lp = torch.log_softmax(torch.randn(*ids.shape, EXAMPLE_K, generator=gen), -1) - 0.5  # mass left outside
         teacher = {0: batch, 1: seq, 2: k}
         trace_with_shapes(graphs.kd_grad, (ids, mask, t_idx, t_lp, *trainables), (tokens, tokens, teacher, teacher) + fixed,
                input_names=[*KD_INPUTS, *names], output_names=["kd_loss", *grads], path=out / "kd_grad.onnx")

@@ -17,7 +17,7 @@ import numpy as np
 
 from splitlm import __version__
 from splitlm.errors import ExportError
-from splitlm.manifest import (FULL_INIT, LORA_INIT, MANIFEST, MODES, QUANT_PRESETS, TRAIN_KINDS, LoRAInfo,
+from splitlm.manifest import (FULL_INIT, LORA_INIT, MANIFEST, MODES, QUANT_PRESETS, TOPK_VALUES, TRAIN_KINDS, LoRAInfo,
                               Manifest, ModelInfo, model_folder_hash, sha256_file)
 
 from .arch import DEFAULT_TARGETS, Arch
@@ -127,4 +127,5 @@ def _manifest(staging: Path, graphs: WholeGraphs, loaded, path: Path, opts, pad_
                     max_length=opts.max_length, opset=graph_opset(staging / "train.onnx"), lora=lora, files=files,
                     pad_token_id=pad_eos[0], eos_token_id=pad_eos[1], splitlm_version=__version__,
                     mode=opts.mode, train=opts.train, trainables=dict(graphs.shapes),
-                    topk=graphs.k_max if opts.mode == "distill" else 0, public=public)
+                    topk=graphs.k_max if opts.mode == "distill" else 0, public=public,
+                    topk_values=TOPK_VALUES if opts.mode == "distill" else "")

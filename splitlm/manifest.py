@@ -30,6 +30,7 @@ import numpy as np
 from splitlm.errors import BundleMismatch
 
 FORMAT_VERSION = 1
+TOPK_VALUES = "logprobs"  # distill: topk.onnx gives log-probabilities over the whole vocabulary
 MANIFEST = "manifest.json"
 LORA_INIT = "lora_init.npz"
 FULL_INIT = "full_init.npz"
@@ -84,6 +85,7 @@ class Manifest:
     trainables: dict[str, tuple[int, ...]] = field(default_factory=dict)  # graph input name -> shape (JSON sorts the names; sessions are fed by name)
     topk: int = 0                                         # distill: k of topk.onnx (a session takes <= k)
     public: dict | None = None                            # distill: {"name", "sha256", "tokens", "seq_len"}
+    topk_values: str = ""                                 # distill: what topk.onnx's values are: "logprobs"
     # A floor of device-side defenses (edge_client.privacy): {"clip", "noise", "grad_clip", "grad_noise"}.
     # The device applies the stronger of this and its own settings; empty: the device's own.
     privacy: dict = field(default_factory=dict)
@@ -101,6 +103,10 @@ class Manifest:
         d = json.loads(text)
         if d.get("format") != FORMAT_VERSION:
             raise BundleMismatch(f"manifest format: expected {FORMAT_VERSION}, got {d.get('format')!r}")
+        if d.get("mode") == "distill" and d.get("topk_values") != TOPK_VALUES:
+            raise BundleMismatch("this distill bundle's topk.onnx returns raw logits (it predates the KD loss's "
+                                 "rest bucket, which needs log-probabilities); export it again with "
+                                 "`splitlm export MODEL --mode distill`")
         lora = d["lora"]
         lora = LoRAInfo(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]),
                         seed=lora["seed"], tensors={k: tuple(v) for k, v in lora["tensors"].items()})

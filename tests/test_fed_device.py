@@ -133,10 +133,22 @@ def test_topk_equals_torch_topk_at_the_mask_one_positions(bundles):
     indices, values = trainer.topk(batch, 5)
     with torch.no_grad():
         logits = model(**feed(batch)).logits[torch.from_numpy(batch.attention_mask).bool()]  # (N, V)
-    want_values, want_indices = torch.topk(logits, 5)
+    want_values, want_indices = torch.topk(torch.log_softmax(logits, -1), 5)  # log-probabilities, not logits
     assert indices.shape == (batch.n_tokens, 5) and indices.dtype == np.int32 and values.dtype == np.float32
     np.testing.assert_allclose(values, want_values.numpy(), rtol=1e-4, atol=1e-5)
     assert (indices == want_indices.numpy()).mean() > 0.999  # ties aside, the same ids in the same order
+
+
+def test_a_distill_bundle_from_before_the_rest_bucket_is_refused(bundles):
+    """Its topk.onnx sends raw logits, which the server now refuses: the device says so at load."""
+    from splitlm.errors import BundleMismatch
+    from splitlm.manifest import Manifest
+
+    _, bundle = bundles["llama"]
+    old = json.loads(bundle.manifest.to_json())
+    assert old.pop("topk_values") == "logprobs"
+    with pytest.raises(BundleMismatch, match="returns raw logits .* export it again"):
+        Manifest.from_json(json.dumps(old))
 
 
 def test_kd_loss_and_gradients_equal_autograd(bundles):
@@ -160,8 +172,10 @@ def test_kd_loss_and_gradients_equal_autograd(bundles):
                                           {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                                            "teacher_indices": t_idx, "teacher_logprobs": t_lp, **trainer.params})
     logp = torch.log_softmax(model(**feed(batch)).logits, -1)
-    p = torch.softmax(torch.from_numpy(t_lp), -1)
-    per_position = -(p * torch.gather(logp, -1, torch.from_numpy(t_idx).long())).sum(-1)
+    p = torch.from_numpy(t_lp).exp()                                       # (B, T, k): sums to e^-0.3
+    picked = torch.gather(logp, -1, torch.from_numpy(t_idx).long())
+    rest = -(1 - p.sum(-1)) * torch.log(1 - picked.exp().sum(-1))          # the mass outside the k
+    per_position = -(p * picked).sum(-1) + rest
     mask = torch.from_numpy(batch.attention_mask).float()
     want = (per_position * mask).sum() / mask.sum()
     want.backward()
@@ -351,7 +365,8 @@ def test_distill_round_uploads_public_topk_and_distills_toward_the_aggregate(bun
         assert indices.shape == (public.n_rows, k) and indices.dtype == np.uint16
         np.testing.assert_array_equal(indices, np.concatenate([w[0] for w in want]))
         np.testing.assert_allclose(values, np.concatenate([w[1] for w in want]), rtol=1e-5, atol=1e-6)
-        logprobs = (values - np.log(np.exp(values).sum(1, keepdims=True))).astype(np.float32)
+        assert (np.exp(values).sum(1) < 1).all()  # top-k log-probabilities over the whole vocabulary
+        logprobs = values.astype(np.float32)     # one device: the aggregate is its own top-k
         half = public.n_rows // 2  # the aggregate comes back in two chunks of rows
         for i, (s, e) in enumerate([(0, half), (half, public.n_rows)]):
             await send(Logits(round=0, chunk=i, chunks=2, start=s, indices=indices[s:e].astype(np.int32),

@@ -84,13 +84,15 @@ def test_bad_updates_are_refused_and_the_round_closes_on_the_good_one(tiny_llama
     ({"indices": np.full((4, 8), 10_000, np.int32)}, ["token ids in 0..", "got 10000"]),
     ({"start": 10 ** 9}, ["past the public set's"]),
     ({"indices": np.zeros((4, 5), np.int32), "values": np.zeros((4, 5), np.float32)}, ["expected k = 8 columns, got 5"]),
+    ({"values": np.full((4, 8), 3.0, np.float32)}, ["expected log-probabilities", "summing to 160.7"]),  # raw logits: 8 e^3
+    ({"values": np.full((4, 8), np.log(0.2), np.float32)}, ["expected log-probabilities", "summing to 1.6"]),
 ])
 def test_bad_logits_are_refused_with_what_is_wrong(tiny_llama, bad, words):
     server = ServerProcess(str(tiny_llama), "--mode", "distill", "--lora-rank", "4", "--topk", "8")
     try:
         ws, welcome, _ = join(server.url, tiny_llama, "distill", "mallory")
         fields = dict(round=0, chunk=0, chunks=2, start=0, indices=np.zeros((4, 8), np.int32),
-                      values=np.zeros((4, 8), np.float32), n_samples=3) | bad
+                      values=np.full((4, 8), np.log(1 / 8), np.float32), n_samples=3) | bad
         refused(ws, encode(Logits(**fields), seq=1), *words)
         ws.close()
     finally:
