@@ -151,6 +151,22 @@ def test_a_distill_bundle_from_before_the_rest_bucket_is_refused(bundles):
         Manifest.from_json(json.dumps(old))
 
 
+def test_the_kd_loss_leaves_a_student_that_already_is_its_teacher_alone():
+    """With the rest bucket the loss is a proper cross-entropy: a student whose distribution is the
+    teacher's gets no gradient. The renormalised top-k target would still push it (sharpening)."""
+    from splitlm.export.whole import kd_loss
+
+    z = torch.randn(2, 5, 50, generator=torch.Generator().manual_seed(0)) * 2
+    values, indices = torch.topk(torch.log_softmax(z, -1), 8)  # the teacher is the student itself
+    mask = torch.ones(2, 5)
+    student = z.clone().requires_grad_(True)
+    kd_loss(student, indices, values, mask).backward()
+    assert student.grad.abs().max() < 1e-6
+    renormalised = z.clone().requires_grad_(True)
+    kd_loss(renormalised, indices, torch.log_softmax(values, -1), mask).backward()  # p_rest = 0
+    assert renormalised.grad.abs().max() > 1e-2
+
+
 def test_kd_loss_and_gradients_equal_autograd(bundles):
     model_dir, bundle = bundles["llama"]
     trainer = LocalTrainer(bundle, threads=1)
