@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -36,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitlm.atomic import write_atomic
-from splitlm.errors import SplitLMError
+from splitlm.errors import BundleMismatch, SplitLMError
 from splitlm.launch import cli_command
+from splitlm.manifest import Manifest
 
 MODES = ("split-server", "split-device", "fedavg-lora", "fedavg-full", "distill")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -220,10 +222,16 @@ def bundle_key(spec: RunSpec, cfg: CompareConfig, model_hash: str) -> str:
 
 
 def ensure_bundle(spec: RunSpec, cfg: CompareConfig, model: Path, model_hash: str, *, log) -> Path:
-    """The cached bundle of `spec`, exported (as a subprocess, logged) when it is not there yet."""
+    """The cached bundle of `spec`, exported (as a subprocess, logged) when it is not there yet or
+    when this splitlm refuses its manifest (a bundle from an older splitlm: exported again)."""
     where = bundle_cache(cfg) / bundle_key(spec, cfg, model_hash)
     if (where / "manifest.json").is_file():
-        return where
+        try:
+            Manifest.from_json((where / "manifest.json").read_text())
+            return where
+        except BundleMismatch as e:
+            log(f"the cached {spec.id} bundle is stale ({e}); exporting it again")
+            shutil.rmtree(where)
     log(f"exporting the {spec.id} bundle to {where} (once; whole-model bundles of a 135M model take "
         "tens of minutes on 2 cores) ...")
     where.parent.mkdir(parents=True, exist_ok=True)
@@ -438,8 +446,6 @@ def _finished(files: RunFiles, settings: dict) -> dict | None:
 
 def _fresh(root: Path) -> None:
     """An empty run folder: what a run that stopped half-way left is removed."""
-    import shutil
-
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
 

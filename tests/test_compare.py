@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from splitlm.compare import CompareConfig, RunSpec, bundle_key
+from splitlm.compare import CompareConfig, RunSpec, bundle_key, ensure_bundle
 from splitlm.compare_report import read_jsonl
-from splitlm.manifest import model_folder_hash
+from splitlm.manifest import Bundle, model_folder_hash
 
 from .conftest import run_cli
 
@@ -116,6 +116,21 @@ def test_a_rerun_skips_finished_configurations(compared):
     assert r.stdout.count("not run again") == 2 and "starting" not in r.stdout
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")} == before
     assert time.monotonic() - t0 < 60
+
+
+def test_a_cached_bundle_this_splitlm_refuses_is_exported_again(tiny_llama, tmp_path):
+    """A cache filled by an older splitlm (here: a manifest format it no longer reads) is not handed
+    to the devices, which would refuse it: compare says so and exports the bundle again."""
+    cfg = CompareConfig(out=tmp_path / "out", model=str(tiny_llama), quant="fp32", max_length=128,
+                        bundles=tmp_path / "bundles")
+    spec, model_hash = RunSpec("split", cut=2, rank=RANK), model_folder_hash(tiny_llama)
+    stale = tmp_path / "bundles" / bundle_key(spec, cfg, model_hash)
+    stale.mkdir(parents=True)
+    (stale / "manifest.json").write_text(json.dumps({"format": 0}))
+    said = []
+    where = ensure_bundle(spec, cfg, tiny_llama, model_hash, log=said.append)
+    assert where == stale and "stale (manifest format: expected 1, got 0)" in said[0], said
+    assert Bundle.open(where).manifest.cut == 2
 
 
 def test_rounds_of_a_device_are_grouped_as_its_mode_reports_them():
