@@ -32,6 +32,7 @@ import ctypes
 import hashlib
 import math
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,12 @@ SHARE_MIN_BYTES = 1 << 16  # smaller initializers stay inside their graph
 HASH_CHUNK = 1 << 20
 PROVIDERS = ["CPUExecutionProvider"]
 TAIL_CHUNK = 64  # tokens per tail.onnx run: SmolLM2's logits and their gradient, ~1.3 MB a token
+# The order onnxruntime runs a graph's nodes in. DEFAULT is a plain topological order, which may
+# run every chunk of the train graph's LM head before any is consumed (the whole logits alive at
+# once); PRIORITY_BASED runs a consumer as soon as its inputs are ready, so each buffer is freed
+# early. Same outputs; measured in bench/bench_fedavg.py (SPLITLM_ORT_ORDER=DEFAULT for the old one).
+EXECUTION_ORDER = "PRIORITY_BASED"
+ORDER_ENV = "SPLITLM_ORT_ORDER"
 MMAP_THRESHOLD = 1 << 16  # glibc: allocations over this get their own mapping (`give_back_large_blocks`)
 
 
@@ -148,6 +155,7 @@ def open_session(bundle: Bundle, name: str, *, pool: "WeightPool | None", thread
     options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
     options.enable_cpu_mem_arena = mem_arena  # off: a step's activations go back when it ends
     options.enable_mem_pattern = mem_arena    # off: no block sized for the whole run, kept after it
+    options.execution_order = getattr(ort.ExecutionOrder, os.environ.get(ORDER_ENV, EXECUTION_ORDER))
     # No spin-waiting after a run: the device mostly waits on the network, and spinning threads
     # burned ~25x the compute time in CPU (and battery), starving a server on the same host.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

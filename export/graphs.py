@@ -59,6 +59,12 @@ class ClientGraphs:
         return loss, grad
 
 
+def next_token_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """labels[:, t+1] at position t (-100 past the end and where the mask is 0): what logits[:, t] predicts."""
+    labels = torch.where(attention_mask.bool(), labels, torch.full_like(labels, IGNORE_INDEX))
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is kept (not -100, mask 1).
 
@@ -67,8 +73,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: t
     cut to T-1: the same sum, but the backward of a logits slice is a zero tensor the size of the
     logits and a pad into it, two more (B, T, V) buffers (50 MB each for SmolLM2 at 4 x 64).
     """
-    labels = torch.where(attention_mask.bool(), labels, torch.full_like(labels, IGNORE_INDEX))
-    labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # (B, T)
+    labels = next_token_labels(labels, attention_mask)  # (B, T)
     per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -17,7 +17,8 @@ Only frozen weights (initializers) are quantized: the LoRA tensors and the activ
 inputs and stay float. The quantizers only see a MatMul whose B is an initializer, so each graph
 is first put in that form:
 
-    Transpose(W)            -> a transposed initializer   (the VJP's backward matmuls)
+    Transpose(W), Slice(W)  -> a transposed or sliced initializer (the VJP's backward matmuls,
+                               the train graph's LM head in chunks)
     Gemm(A, W, C)           -> MatMul(A, W) + C           (GPT-2's Conv1D is an addmm)
 
 The MatMuls go through `onnxruntime.quantization`; the embeddings (GatherBlockQuantized) are
@@ -79,33 +80,51 @@ def quantize_graph(src: Path, dst: Path, *, preset: str, accuracy_level: int | N
 # --- putting every constant weight behind a MatMul -----------------------------------------------
 
 def prepare_weights(graph: onnx.GraphProto) -> None:
-    """Fold Transpose(initializer), split Gemm and untie gathered tables, so that each frozen
+    """Fold Transpose and Slice of initializers, split Gemm and untie gathered tables, so that each frozen
     weight is a MatMul's constant B or a Gather's own table."""
-    fold_constant_transposes(graph)
+    fold_constant_views(graph)
     split_gemms(graph)
     untie_gathered_matmul_weights(graph)
     name_nodes(graph)
 
 
-def fold_constant_transposes(graph: onnx.GraphProto) -> None:
-    """Replace each Transpose of an initializer by the transposed initializer, under its output name.
+def fold_constant_views(graph: onnx.GraphProto) -> None:
+    """Replace each Transpose or Slice of an initializer (with constant starts, ends, axes, steps)
+    by the initializer it computes, under its output name.
 
     Chains fold too (nodes come in topological order): the whole-model train and kd_grad graphs
-    read the tied LM head's table as Transpose(Transpose(W)) in the backward, and folded only
-    halfway that MatMul's B was no initializer, so a q8 or q4 bundle kept a float copy of the whole
-    table there (SmolLM2: 113 MB, and onnxruntime's transposed copy of it another 113 MB)."""
+    read the tied LM head's table as Transpose(Transpose(W)) in the backward, and the train graph's
+    chunked loss reads it as Transpose(Slice(W)) per chunk. Left in place, that MatMul's B is no
+    initializer, so a q8 or q4 bundle kept a float copy of the whole table there (SmolLM2: 113 MB,
+    and onnxruntime's folded copy of it another 113 MB)."""
     inits = {t.name: t for t in graph.initializer}
     kept = []
     for node in graph.node:
-        if node.op_type == "Transpose" and node.input[0] in inits:
-            array = numpy_helper.to_array(inits[node.input[0]])
-            perm = _attr(node, "perm", list(reversed(range(array.ndim))))
-            folded = numpy_helper.from_array(np.ascontiguousarray(np.transpose(array, perm)), node.output[0])
-            graph.initializer.append(folded)
-            inits[folded.name] = folded
-        else:
+        array = _folded(node, inits)
+        if array is None:
             kept.append(node)
+            continue
+        folded = numpy_helper.from_array(np.ascontiguousarray(array), node.output[0])
+        graph.initializer.append(folded)
+        inits[folded.name] = folded
     _replace(graph.node, kept)
+
+
+def _folded(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
+    """What a Transpose or Slice of constants computes, or None (not one, or not all constant)."""
+    if node.op_type not in ("Transpose", "Slice") or not all(i in inits for i in node.input if i):
+        return None
+    array = numpy_helper.to_array(inits[node.input[0]])
+    if node.op_type == "Transpose":
+        return np.transpose(array, _attr(node, "perm", list(reversed(range(array.ndim)))))
+    starts, ends, axes, steps = (numpy_helper.to_array(inits[i]) if i else None
+                                 for i in [*node.input[1:], "", "", ""][:4])
+    axes = range(len(starts)) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    index = [slice(None)] * array.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[int(axis)] = slice(int(start), int(end), int(step))  # numpy clamps as ONNX does
+    return array[tuple(index)]
 
 
 def split_gemms(graph: onnx.GraphProto) -> None:

@@ -28,33 +28,80 @@ tokens and "any other token" (see `kd_loss`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .arch import Arch
-from .graphs import HEAD_INPUTS, MAX_BATCH, MIN_TAIL_SEQ, causal_lm_loss, example_inputs, trace_with_shapes
+from .graphs import (HEAD_INPUTS, IGNORE_INDEX, MAX_BATCH, MIN_TAIL_SEQ, example_inputs, next_token_labels,
+                     trace_with_shapes)
 from .lora import LoRAInputs
 
 TRAIN_INPUTS = ("input_ids", "attention_mask", "labels")
 KD_INPUTS = ("input_ids", "attention_mask", "teacher_indices", "teacher_logprobs")
 EXAMPLE_K = 5  # teacher k while tracing; the graph takes any k >= 1
+HEAD_CHUNK = 8192  # LM head rows per chunk of the train graph's loss (SmolLM2: 6 chunks of 49,152)
 KD_REST_FLOOR = 1e-6  # q_rest's floor in kd_loss: a student with all its mass on k tokens stays finite
 
 
 class _Logits(nn.Module):
-    """arch's embedding -> every block -> final norm -> LM head, as one module for functional_call."""
+    """arch's embedding -> every block -> final norm -> LM head (or, `head=False`, stop before the
+    LM head), as one module for functional_call."""
 
-    def __init__(self, arch: Arch):
+    def __init__(self, arch: Arch, head: bool = True):
         super().__init__()
-        self.model = arch.model
+        self.model, self.head = arch.model, head
         self.__dict__["arch"] = arch  # not a submodule: its parts are already under `model`
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.arch.embed(input_ids)  # (B, T, H)
         h = self.arch.run_blocks(h, attention_mask, 0, self.arch.num_layers)  # (B, T, H)
-        return self.arch.logits(h)  # (B, T, V)
+        return self.arch.logits(h) if self.head else self.arch.final_norm(h)  # (B, T, V) or (B, T, H)
+
+
+def chunked_lm_loss(h: torch.Tensor, head_chunks: list[torch.Tensor], table: torch.Tensor, labels: torch.Tensor,
+                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_lm_loss` of logits h @ W^T and its gradient with respect to h, never holding the
+    (B, T, V) logits: the LM head W (V, H) comes as row chunks, and one pass over them keeps a
+    running max, sum of exponentials and softmax-weighted sum of W's rows (an online softmax).
+
+        loss   = sum_n keep_n (logsumexp_v(h_n . W_v) - h_n . W_label_n) / count
+        dL/dh_n = keep_n (sum_v softmax_v W_v - W_label_n) / count
+
+    Why by hand: autograd through the full cross-entropy keeps 3-4 logits-sized buffers alive
+    (log-softmax, its gradient, the softmax) at the step's peak, 50 MB each for SmolLM2 at 4 x 64;
+    per chunk they are V/chunks as large and freed before the next. `table` is W itself, for the
+    label rows (for a tied head the embedding's table, which the graph holds anyway).
+    Tested against autograd through `causal_lm_loss` (tests/test_fed_device.py)."""
+    B, T, H = h.shape
+    x = h.reshape(-1, H)                                                        # (N, H)
+    target = next_token_labels(labels, attention_mask).reshape(-1)             # (N,)
+    keep = (target != IGNORE_INDEX).to(x.dtype)
+    count = keep.sum().clamp(min=1)
+    running_max = running_sum = weighted = picked = None
+    start = 0
+    for w in head_chunks:                                                       # w: (Vc, H)
+        logits = x @ w.T                                                        # (N, Vc)
+        chunk_max = logits.max(dim=-1).values
+        new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
+        e = torch.exp(logits - new_max[:, None])                                # (N, Vc)
+        inside = (target >= start) & (target < start + w.shape[0])
+        at = torch.gather(logits, 1, (target - start).clamp(0, w.shape[0] - 1)[:, None])[:, 0]
+        if running_max is None:
+            running_sum, weighted, picked = e.sum(-1), e @ w, torch.where(inside, at, torch.zeros_like(at))
+        else:
+            scale = torch.exp(running_max - new_max)
+            running_sum = running_sum * scale + e.sum(-1)
+            weighted = weighted * scale[:, None] + e @ w
+            picked = picked + torch.where(inside, at, torch.zeros_like(at))
+        running_max, start = new_max, start + w.shape[0]
+    logsumexp = running_max + torch.log(running_sum)
+    loss = ((logsumexp - picked) * keep).sum() / count
+    label_rows = torch.nn.functional.embedding(target.clamp(min=0), table)    # (N, H)
+    grad = (weighted / running_sum[:, None] - label_rows) * (keep / count)[:, None]
+    return loss, grad.reshape(B, T, H)
 
 
 def full_trainables(arch: Arch) -> dict[str, tuple[int, ...]]:
@@ -86,19 +133,28 @@ class WholeGraphs:
     def names(self) -> list[str]:
         return list(self.shapes)
 
-    def logits(self, input_ids, attention_mask, *trainables) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask, *trainables, head: bool = True) -> torch.Tensor:
         bound = dict(zip(self.names, trainables))
         if self.lora is not None:
             with self.lora.bind(bound):
-                return _Logits(self.arch)(input_ids, attention_mask)  # (B, T, V)
+                return _Logits(self.arch, head)(input_ids, attention_mask)  # (B, T, V), or (B, T, H)
         params = {f"model.{n}": t for n, t in bound.items()}
-        return torch.func.functional_call(_Logits(self.arch), params, (input_ids, attention_mask))
+        return torch.func.functional_call(_Logits(self.arch, head), params, (input_ids, attention_mask))
+
+    @cached_property
+    def head_chunks(self) -> list[torch.Tensor]:
+        """The frozen LM head's rows in chunks of HEAD_CHUNK, each its own constant (so each is its
+        own initializer, which the quantizers see as a MatMul weight)."""
+        table = self.arch.lm_head.weight.detach()
+        return [table[i:i + HEAD_CHUNK].clone() for i in range(0, table.shape[0], HEAD_CHUNK)]
 
     def train(self, input_ids, attention_mask, labels, *trainables):
         trainables = [t.detach().requires_grad_(True) for t in trainables]
         with torch.enable_grad():
-            loss = causal_lm_loss(self.logits(input_ids, attention_mask, *trainables), labels, attention_mask)
-            return (loss, *torch.autograd.grad(loss, trainables))
+            h = self.logits(input_ids, attention_mask, *trainables, head=False)  # (B, T, H)
+            loss, grad_h = chunked_lm_loss(h.detach(), self.head_chunks, self.arch.lm_head.weight.detach(),
+                                           labels, attention_mask)
+            return (loss, *torch.autograd.grad(h, trainables, grad_outputs=grad_h))
 
     def topk(self, input_ids, attention_mask, *trainables):
         logp = torch.log_softmax(self.logits(input_ids, attention_mask, *trainables).float(), dim=-1)

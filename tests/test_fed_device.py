@@ -151,6 +151,28 @@ def test_a_distill_bundle_from_before_the_rest_bucket_is_refused(bundles):
         Manifest.from_json(json.dumps(old))
 
 
+def test_the_chunked_lm_loss_and_its_gradient_equal_autograd_through_the_full_logits():
+    """The train graph's loss (LM head in row chunks, an online softmax) against cross-entropy on
+    the whole (B, T, V) logits, with chunks of unequal size, padding and a label in every chunk."""
+    from splitlm.export.graphs import causal_lm_loss
+    from splitlm.export.whole import chunked_lm_loss
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64) * 2
+    table = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 7), generator=gen)
+    labels[0, :4] = torch.tensor([0, 17, 33, 49])  # the first and last row of the table, and between
+    mask = torch.ones(3, 7, dtype=torch.int64)
+    mask[2, 5:] = 0
+    full = h.clone().requires_grad_(True)
+    want = causal_lm_loss(full @ table.T, labels, mask)
+    want.backward()
+    chunks = [table[:16], table[16:32], table[32:48], table[48:]]
+    loss, grad = chunked_lm_loss(h, chunks, table, labels, mask)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    torch.testing.assert_close(grad, full.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_the_kd_loss_leaves_a_student_that_already_is_its_teacher_alone():
     """With the rest bucket the loss is a proper cross-entropy: a student whose distribution is the
     teacher's gets no gradient. The renormalised top-k target would still push it (sharpening)."""

@@ -249,6 +249,35 @@ def test_a_transpose_of_a_transpose_of_a_weight_is_quantized_too(tmp_path, prese
     assert cosine(ref, quant).min() > 0.98
 
 
+@pytest.mark.parametrize("preset", QUANTIZED)
+def test_row_slices_of_a_weight_are_quantized_as_their_own_weights(tmp_path, preset):
+    """The train graph's chunked loss reads the LM head as Transpose(Slice(W)) and Slice(W), one
+    pair per chunk: folded, each slice is a MatMul weight the quantizer sees; no float table stays."""
+    w = np.random.default_rng(5).standard_normal((96, 64)).astype(np.float32)
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("s0", [0]), ("e0", [40]), ("s1", [40]), ("e1", [2 ** 62]), ("ax", [0]), ("st", [1]))]
+    nodes = [helper.make_node("Slice", ["w", "s0", "e0", "ax", "st"], ["w0"]),
+             helper.make_node("Slice", ["w", "s1", "e1", "ax"], ["w1"]),         # steps omitted, end clamped
+             helper.make_node("Transpose", ["w0"], ["w0t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "w0t"], ["l0"]),                   # (n, 64) @ (64, 40)
+             helper.make_node("MatMul", ["l0", "w0"], ["y"]),                    # (n, 40) @ (40, 64)
+             helper.make_node("Transpose", ["w1"], ["w1t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "w1t"], ["l1"])]                   # (n, 64) @ (64, 56)
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", d]) for n, d in (("y", 64), ("l1", 56))]
+    graph = helper.make_graph(nodes, "slices", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              outputs, [numpy_helper.from_array(w, "w"), *consts])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "slices.onnx")
+    quantize_graph(tmp_path / "slices.onnx", tmp_path / "q.onnx", preset=preset)
+    model = onnx.load(tmp_path / "q.onnx")
+    assert not {"Slice", "Transpose"} & {n.op_type for n in model.graph.node}
+    big_floats = [t.name for t in model.graph.initializer
+                  if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 40 * 64 // 8]
+    assert big_floats == [], big_floats
+    x = np.random.default_rng(6).standard_normal((5, 64)).astype(np.float32)
+    for ref, quant in zip(session(tmp_path / "slices.onnx").run(None, {"x": x}), session(tmp_path / "q.onnx").run(None, {"x": x})):
+        assert cosine(ref, quant).min() > 0.98
+
+
 def test_uint4_packing_puts_the_first_value_in_the_low_nibble():
     assert pack_uint4(np.array([[1, 2], [3, 15]])) == bytes([0x21, 0xF3])
     assert pack_uint4(np.array([1, 2, 3])) == bytes([0x21, 0x03])  # an odd count ends in a half byte
