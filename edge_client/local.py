@@ -22,7 +22,7 @@ from splitlm.data import Batch
 from splitlm.errors import BundleMismatch
 from splitlm.manifest import Bundle, ordered_tensors
 from .optim import AdamW
-from .runtime import WeightPool, open_session
+from .runtime import WHOLE_MODEL_ORDER, WeightPool, open_session
 
 
 class LocalTrainer:
@@ -38,7 +38,8 @@ class LocalTrainer:
         self.pool = WeightPool() if share_weights else None
 
         def session(name: str):
-            return open_session(self.bundle, name, pool=self.pool, threads=threads, mem_arena=mem_arena)
+            return open_session(self.bundle, name, pool=self.pool, threads=threads, mem_arena=mem_arena,
+                                order=WHOLE_MODEL_ORDER)
 
         self.train_session = session("train.onnx")
         self.topk_session = session("topk.onnx") if m.mode == "distill" else None

@@ -48,11 +48,14 @@ SHARE_MIN_BYTES = 1 << 16  # smaller initializers stay inside their graph
 HASH_CHUNK = 1 << 20
 PROVIDERS = ["CPUExecutionProvider"]
 TAIL_CHUNK = 64  # tokens per tail.onnx run: SmolLM2's logits and their gradient, ~1.3 MB a token
-# The order onnxruntime runs a graph's nodes in. DEFAULT is a plain topological order, which may
-# run every chunk of the train graph's LM head before any is consumed (the whole logits alive at
-# once); PRIORITY_BASED runs a consumer as soon as its inputs are ready, so each buffer is freed
-# early. Same outputs; measured in bench/bench_fedavg.py (SPLITLM_ORT_ORDER=DEFAULT for the old one).
-EXECUTION_ORDER = "PRIORITY_BASED"
+# The order onnxruntime runs a graph's nodes in (same outputs either way), per kind of graph.
+# DEFAULT is a plain topological order; on the whole-model train graph it runs every chunk of the
+# LM head before consuming any (the whole logits alive at once), and PRIORITY_BASED, which runs a
+# consumer as soon as its inputs are ready, took a SmolLM2 fedavg device 1,023 -> 909 MB
+# (bench/bench_fedavg.py). On the split head it went the other way (q4 training step at 1 x 512
+# 197 -> 207 MB, labels on the device 277 -> 286 MB; bench/bench_mmap_threshold.py), so split
+# sessions keep DEFAULT. SPLITLM_ORT_ORDER=NAME overrides both, for those benchmarks.
+SPLIT_ORDER, WHOLE_MODEL_ORDER = "DEFAULT", "PRIORITY_BASED"
 ORDER_ENV = "SPLITLM_ORT_ORDER"
 MMAP_THRESHOLD = 1 << 16  # glibc: allocations over this get their own mapping (`give_back_large_blocks`)
 
@@ -141,8 +144,9 @@ class HeadRuntime:
 
 
 def open_session(bundle: Bundle, name: str, *, pool: "WeightPool | None", threads: int = 0,
-                 mem_arena: bool = False, mem_reuse: bool = True) -> ort.InferenceSession:
-    """One of the bundle's graphs, its large frozen weights taken from `pool` (None: its own copy).
+                 mem_arena: bool = False, mem_reuse: bool = True, order: str = SPLIT_ORDER) -> ort.InferenceSession:
+    """One of the bundle's graphs, its large frozen weights taken from `pool` (None: its own copy),
+    its nodes run in `order` (an onnxruntime.ExecutionOrder name; see SPLIT_ORDER).
 
     mem_reuse=False: onnxruntime's planner does not hand a finished activation's buffer to a later
     tensor of the same size, so each buffer is freed after its last use instead of at the run's
@@ -155,7 +159,7 @@ def open_session(bundle: Bundle, name: str, *, pool: "WeightPool | None", thread
     options.intra_op_num_threads = threads  # 0: onnxruntime picks (one per core)
     options.enable_cpu_mem_arena = mem_arena  # off: a step's activations go back when it ends
     options.enable_mem_pattern = mem_arena    # off: no block sized for the whole run, kept after it
-    options.execution_order = getattr(ort.ExecutionOrder, os.environ.get(ORDER_ENV, EXECUTION_ORDER))
+    options.execution_order = getattr(ort.ExecutionOrder, os.environ.get(ORDER_ENV, order))
     # No spin-waiting after a run: the device mostly waits on the network, and spinning threads
     # burned ~25x the compute time in CPU (and battery), starving a server on the same host.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
