@@ -61,9 +61,8 @@ class PartialLogits:
         lo, hi = int(msg.indices.min(initial=0)), int(msg.indices.max(initial=0))
         if lo < 0 or hi >= vocab:
             raise BadMessage(f"logits.indices: expected token ids in 0..{vocab - 1}, got {lo if lo < 0 else hi}")
-        values = np.asarray(msg.values, np.float64)
-        row_mass = np.exp(values).sum(axis=1).max(initial=0.0)
-        if values.max(initial=-np.inf) > LOGPROB_SLACK or row_mass > 1 + LOGPROB_SLACK:
+        row_mass = np.exp(np.asarray(msg.values, np.float64)).sum(axis=1).max(initial=0.0)
+        if row_mass > 1 + LOGPROB_SLACK:  # a value over log(1 + slack) is such a row too
             raise BadMessage(f"logits.values: expected log-probabilities over the whole vocabulary (each <= 0, "
                              f"a row's probabilities summing to <= 1), got a row summing to {row_mass:.4g}")
         if self.rows[msg.start:msg.start + n].any():

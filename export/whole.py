@@ -28,7 +28,6 @@ tokens and "any other token" (see `kd_loss`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -61,45 +60,39 @@ class _Logits(nn.Module):
         return self.arch.logits(h) if self.head else self.arch.final_norm(h)  # (B, T, V) or (B, T, H)
 
 
-def chunked_lm_loss(h: torch.Tensor, head_chunks: list[torch.Tensor], table: torch.Tensor, labels: torch.Tensor,
-                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_lm_loss(h: torch.Tensor, table: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                    *, chunk: int = HEAD_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """`causal_lm_loss` of logits h @ W^T and its gradient with respect to h, never holding the
-    (B, T, V) logits: the LM head W (V, H) comes as row chunks, and one pass over them keeps a
-    running max, sum of exponentials and softmax-weighted sum of W's rows (an online softmax).
+    (B, T, V) logits: one pass over W (`table`, (V, H)) in row chunks of `chunk` keeps a running
+    max, sum of exponentials and softmax-weighted sum of W's rows (an online softmax).
 
         loss   = sum_n keep_n (logsumexp_v(h_n . W_v) - h_n . W_label_n) / count
         dL/dh_n = keep_n (sum_v softmax_v W_v - W_label_n) / count
 
     Why by hand: autograd through the full cross-entropy keeps 3-4 logits-sized buffers alive
     (log-softmax, its gradient, the softmax) at the step's peak, 50 MB each for SmolLM2 at 4 x 64;
-    per chunk they are V/chunks as large and freed before the next. `table` is W itself, for the
-    label rows (for a tied head the embedding's table, which the graph holds anyway).
+    per chunk they are V/chunks as large and freed before the next. In the graph each chunk is a
+    Slice of W, which the quantizers fold into its own weight (`quantize.fold_constant_views`).
     Tested against autograd through `causal_lm_loss` (tests/test_fed_device.py)."""
     B, T, H = h.shape
     x = h.reshape(-1, H)                                                        # (N, H)
     target = next_token_labels(labels, attention_mask).reshape(-1)             # (N,)
     keep = (target != IGNORE_INDEX).to(x.dtype)
     count = keep.sum().clamp(min=1)
-    running_max = running_sum = weighted = picked = None
-    start = 0
-    for w in head_chunks:                                                       # w: (Vc, H)
+    running_max = torch.full_like(keep, -torch.inf)
+    running_sum, weighted = torch.zeros_like(keep), torch.zeros_like(x)
+    for start in range(0, table.shape[0], chunk):
+        w = table[start:start + chunk]                                          # (Vc, H)
         logits = x @ w.T                                                        # (N, Vc)
-        chunk_max = logits.max(dim=-1).values
-        new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
+        new_max = torch.maximum(running_max, logits.max(dim=-1).values)
+        scale = torch.exp(running_max - new_max)                                # 0 at the first chunk
         e = torch.exp(logits - new_max[:, None])                                # (N, Vc)
-        inside = (target >= start) & (target < start + w.shape[0])
-        at = torch.gather(logits, 1, (target - start).clamp(0, w.shape[0] - 1)[:, None])[:, 0]
-        if running_max is None:
-            running_sum, weighted, picked = e.sum(-1), e @ w, torch.where(inside, at, torch.zeros_like(at))
-        else:
-            scale = torch.exp(running_max - new_max)
-            running_sum = running_sum * scale + e.sum(-1)
-            weighted = weighted * scale[:, None] + e @ w
-            picked = picked + torch.where(inside, at, torch.zeros_like(at))
-        running_max, start = new_max, start + w.shape[0]
+        running_sum = running_sum * scale + e.sum(-1)
+        weighted = weighted * scale[:, None] + e @ w
+        running_max = new_max
+    label_rows = torch.nn.functional.embedding(target.clamp(min=0), table)    # (N, H): W_label
     logsumexp = running_max + torch.log(running_sum)
-    loss = ((logsumexp - picked) * keep).sum() / count
-    label_rows = torch.nn.functional.embedding(target.clamp(min=0), table)    # (N, H)
+    loss = ((logsumexp - (x * label_rows).sum(-1)) * keep).sum() / count
     grad = (weighted / running_sum[:, None] - label_rows) * (keep / count)[:, None]
     return loss, grad.reshape(B, T, H)
 
@@ -141,19 +134,11 @@ class WholeGraphs:
         params = {f"model.{n}": t for n, t in bound.items()}
         return torch.func.functional_call(_Logits(self.arch, head), params, (input_ids, attention_mask))
 
-    @cached_property
-    def head_chunks(self) -> list[torch.Tensor]:
-        """The frozen LM head's rows in chunks of HEAD_CHUNK, each its own constant (so each is its
-        own initializer, which the quantizers see as a MatMul weight)."""
-        table = self.arch.lm_head.weight.detach()
-        return [table[i:i + HEAD_CHUNK].clone() for i in range(0, table.shape[0], HEAD_CHUNK)]
-
     def train(self, input_ids, attention_mask, labels, *trainables):
         trainables = [t.detach().requires_grad_(True) for t in trainables]
         with torch.enable_grad():
             h = self.logits(input_ids, attention_mask, *trainables, head=False)  # (B, T, H)
-            loss, grad_h = chunked_lm_loss(h.detach(), self.head_chunks, self.arch.lm_head.weight.detach(),
-                                           labels, attention_mask)
+            loss, grad_h = chunked_lm_loss(h.detach(), self.arch.lm_head.weight.detach(), labels, attention_mask)
             return (loss, *torch.autograd.grad(h, trainables, grad_outputs=grad_h))
 
     def topk(self, input_ids, attention_mask, *trainables):
