@@ -12,13 +12,15 @@ the LoRA inputs in as constants). What works: trace the joint forward+backward f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch._decomp import core_aten_decompositions
+from torch.fx import config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .arch import Arch
@@ -91,14 +93,49 @@ def trace_to_onnx(fn: Callable, args: tuple, *, input_names: list[str], output_n
 
 def trace_with_shapes(fn: Callable, args: tuple, dynamic: tuple, *, input_names: list[str],
                       output_names: list[str], path: Path) -> None:
-    """make_fx -> torch.export (with these dynamic_shapes) -> ONNX, cleaned by `optimize_graph`."""
-    gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=core_aten_decompositions(),
-                 _allow_non_fake_inputs=True)(*args)
-    program = torch.export.export(gm, args, dynamic_shapes=dynamic)
-    onnx_program = torch.onnx.export(program, args, input_names=input_names, output_names=output_names,
-                                     opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
+    """make_fx -> torch.export (with these dynamic_shapes) -> ONNX, cleaned by `optimize_graph`.
+
+    Two things torch would do for nothing, measured on SmolLM2's fedavg train graph (one sampled
+    profile, 762 s in all) and undone here:
+    - every trace records a Python stack trace for every FX node (108 s); nothing reads them;
+    - torch.onnx.export decomposes the program once more (`run_decompositions`, a third full
+      trace: 139 of the remaining 377 s) with its own table, aten ops without an ONNX function.
+      make_fx applies that same table (`onnx_decompositions`) and that step is skipped
+      (`_decomposed_already`). On tiny Llama's distill graphs: 107 -> 51 s, the same nodes and
+      the same outputs to the bit. An op the table left would fail the export by name
+      ("No ONNX function found"), not change a graph; torch is pinned, as these are its
+      private modules."""
+    with _no_stack_traces():
+        gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=onnx_decompositions(),
+                     _allow_non_fake_inputs=True)(*args)
+        program = torch.export.export(gm, args, dynamic_shapes=dynamic)
+        with _decomposed_already():
+            onnx_program = torch.onnx.export(program, args, input_names=input_names, output_names=output_names,
+                                             opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
     optimize_graph(onnx_program.model)
     onnx_program.save(str(path), external_data=False)
+
+
+@lru_cache(maxsize=1)
+def onnx_decompositions() -> dict:
+    """torch.onnx's decomposition table: every aten op without an ONNX function, decomposed."""
+    from torch.onnx._internal.exporter import _decomp, _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib()
+    return _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
+
+
+@contextmanager
+def _decomposed_already():
+    """torch.onnx.export without its decomposition pass (the program is decomposed already)."""
+    from torch.onnx._internal.exporter import _fx_passes
+
+    saved = _fx_passes.decompose_with_registry
+    _fx_passes.decompose_with_registry = lambda program, registry: program
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = saved
 
 
 def optimize_graph(model) -> None:
@@ -131,12 +168,36 @@ def optimize_graph(model) -> None:
     common.InlinePass()(model)
     fold()
     common.CommonSubexpressionEliminationPass()(model)
-    onnxscript.rewriter.RewritePass(onnxscript.rewriter._DEFAULT_REWRITE_RULES)(model)
+    onnxscript.rewriter.RewritePass(rewrite_rules())(model)
     fold()
     for step in (common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
                  common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
                  common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass()):
         step(model)
+
+
+def rewrite_rules() -> tuple:
+    """onnxscript's default rewrite rules less those whose pattern has more than one output node.
+
+    onnxscript matches such a pattern (its only one is `SlicesSplit`: two Slices of one tensor ->
+    one Split) by indexing the whole graph again for every candidate node, so its cost grows with
+    the square of the graph: on SmolLM2's whole-model train graph the rewrite took 226 of the
+    export's 762 s. It never fired on our graphs (tiny Llama's train graph: the same 1,057 nodes
+    without it), and a Split of two Slices would save no work in onnxruntime anyway."""
+    import onnxscript.rewriter
+
+    return tuple(r for r in onnxscript.rewriter._DEFAULT_REWRITE_RULES
+                 if len(r._target_pattern.output_nodes) == 1)
+
+
+@contextmanager
+def _no_stack_traces():
+    saved = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = saved
 
 
 def example_inputs(vocab: int, hidden: int, *, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
