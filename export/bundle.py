@@ -41,6 +41,7 @@ class ExportOptions:
     public: Path | None = None      # distill: the public set (.txt); None: splitlm/data/public.txt
     public_seq_len: int = 128       # distill: the public set is packed into sequences this long
     privacy: dict = field(default_factory=dict)  # split: the devices' defense floor (edge_client.privacy keys)
+    graphs_from: Path | None = None  # fedavg / distill: copy train.onnx from this bundle (whole_bundle.reusable_train_graph)
 
 
 def resolve_model_path(model: str) -> Path:
@@ -83,6 +84,8 @@ def check_options(opts: ExportOptions, num_layers: int) -> None:
         return check_whole_options(opts)
     if opts.quant not in QUANT_PRESETS:
         raise ExportError(f"unknown quant preset {opts.quant!r}: choose from {', '.join(QUANT_PRESETS)}")
+    if opts.graphs_from is not None:
+        raise ExportError("--graphs-from only applies to --mode fedavg and distill, whose devices share train.onnx")
     if opts.labels not in LABEL_PLACEMENTS:
         raise ExportError(f"--labels must be one of {', '.join(LABEL_PLACEMENTS)}, got {opts.labels!r}")
     if not 1 <= opts.cut <= num_layers - 1:

@@ -176,8 +176,9 @@ def kd_loss(logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_logprob
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
-def export_whole_graphs(graphs: WholeGraphs, out: Path, *, distill: bool, max_seq: int) -> list[str]:
-    """Write train.onnx (and topk.onnx, kd_grad.onnx for distill) into `out`; return the file names."""
+def export_whole_graphs(graphs: WholeGraphs, out: Path, *, distill: bool, max_seq: int, train: bool = True) -> list[str]:
+    """Write train.onnx (unless `train` is False: it is taken from another bundle) and, for distill,
+    topk.onnx and kd_grad.onnx into `out`; return the file names."""
     cfg = graphs.arch.model.config
     ex = example_inputs(cfg.vocab_size, cfg.hidden_size)
     ids, mask, labels = ex["input_ids"], ex["attention_mask"], ex["labels"]
@@ -189,9 +190,11 @@ def export_whole_graphs(graphs: WholeGraphs, out: Path, *, distill: bool, max_se
     seq = torch.export.Dim("seq", min=MIN_TAIL_SEQ, max=max_seq)
     tokens, fixed = {0: batch, 1: seq}, (None,) * len(names)
     grads = [f"grad.{n}" for n in names]
-    trace_with_shapes(graphs.train, (ids, mask, labels, *trainables), (tokens,) * 3 + fixed,
-           input_names=[*TRAIN_INPUTS, *names], output_names=["loss", *grads], path=out / "train.onnx")
-    files = ["train.onnx"]
+    files = []
+    if train:
+        trace_with_shapes(graphs.train, (ids, mask, labels, *trainables), (tokens,) * 3 + fixed,
+               input_names=[*TRAIN_INPUTS, *names], output_names=["loss", *grads], path=out / "train.onnx")
+        files.append("train.onnx")
     if distill:
         trace_with_shapes(graphs.topk, (ids, mask, *trainables), (tokens,) * 2 + fixed, input_names=[*HEAD_INPUTS, *names],
                output_names=["topk_values", "topk_indices"], path=out / "topk.onnx")

@@ -59,9 +59,16 @@ def write_whole(staging: Path, loaded, path: Path, opts, *, log) -> Manifest:
     from .bundle import write_tokenizer
 
     graphs = whole_graphs(loaded, opts)
+    reused = None
+    if opts.graphs_from is not None:
+        reused = reusable_train_graph(Path(opts.graphs_from), graphs, path, opts)
+        shutil.copyfile(reused, staging / "train.onnx")
+        log(f"  train.onnx      {opts.quant:5s} {(staging / 'train.onnx').stat().st_size / 1e6:8.1f} MB  "
+            f"(from {opts.graphs_from})")
     fp32 = staging / "fp32"
     fp32.mkdir()
-    files = export_whole_graphs(graphs, fp32, distill=opts.mode == "distill", max_seq=opts.max_length)
+    files = export_whole_graphs(graphs, fp32, distill=opts.mode == "distill", max_seq=opts.max_length,
+                                train=reused is None)
     for name in files:
         _quantize(fp32 / name, staging / name, opts.quant)
         log(f"  {name:15s} {opts.quant:5s} {(staging / name).stat().st_size / 1e6:8.1f} MB")
@@ -73,6 +80,39 @@ def write_whole(staging: Path, loaded, path: Path, opts, *, log) -> Manifest:
     (staging / MANIFEST).write_text(manifest.to_json())
     log(f"  {len(graphs.shapes)} trainables, {sum(int(np.prod(s)) for s in graphs.shapes.values()):,} values")
     return manifest
+
+
+def reusable_train_graph(source: Path, graphs: WholeGraphs, model_path: Path, opts) -> Path:
+    """`--graphs-from BUNDLE`: BUNDLE's train.onnx, to copy instead of tracing it again (the export's
+    slow part: a third of a distill bundle's time). The train graph depends only on the model, what
+    is trained (the LoRA rank, alpha and targets, or every block weight), the quant preset, the
+    maximum length and the code that wrote it; not on the mode, k, the public set or the LoRA seed.
+    So a fedavg bundle's train.onnx is a distill bundle's. BUNDLE's manifest must show all of these
+    equal (the same splitlm version standing for the same code), and every file its sha256."""
+    from splitlm.errors import BundleMismatch
+    from splitlm.manifest import Bundle
+
+    try:
+        bundle = Bundle.open(source)
+    except BundleMismatch as e:
+        raise ExportError(f"--graphs-from {source}: {e}") from e
+    m = bundle.manifest
+    ours = graphs.lora.spec if graphs.lora is not None else None
+    want = {"mode": ("fedavg or distill", m.mode in ("fedavg", "distill")),
+            "model": (model_folder_hash(model_path)[:12], m.model.hash == model_folder_hash(model_path)),
+            "train": (opts.train, m.train == opts.train), "quant": (opts.quant, m.quant == opts.quant),
+            "max length": (opts.max_length, m.max_length == opts.max_length),
+            "splitlm version": (__version__, m.splitlm_version == __version__),
+            "trainables": ("the same names and shapes", {k: tuple(v) for k, v in m.trainables.items()}
+                           == {k: tuple(v) for k, v in graphs.shapes.items()})}
+    if ours is not None:
+        want["LoRA"] = (f"rank {ours.rank}, alpha {ours.alpha:g}, targets {list(ours.targets)}",
+                        (m.lora.rank, m.lora.alpha, tuple(m.lora.targets)) == (ours.rank, ours.alpha, ours.targets))
+    differ = [f"{k} (this export: {v})" for k, (v, same) in want.items() if not same]
+    if differ:
+        raise ExportError(f"--graphs-from {source}: its train.onnx is not this export's; it differs in "
+                          + ", ".join(differ))
+    return bundle.file("train.onnx")
 
 
 def _quantize(src: Path, dst: Path, preset: str) -> None:

@@ -55,7 +55,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
                          lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets or ()) or None,
                          lora_seed=args.lora_seed, max_length=args.max_length, mode=args.mode, train=args.train,
                          topk=args.topk, public=Path(args.public) if args.public else None,
-                         public_seq_len=args.public_seq_len, privacy=floor)
+                         public_seq_len=args.public_seq_len, privacy=floor,
+                         graphs_from=Path(args.graphs_from) if args.graphs_from else None)
     eval_text = _read_text(args.eval_text) if args.eval_text else None
     manifest = export_bundle(args.model, args.out, opts, log=lambda line: print(line, flush=True))
     if args.mode != "split":  # the fidelity report compares a head; a whole-model bundle has none
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="server", choices=LABEL_PLACEMENTS,
                    help="where labels live: device keeps tokens and labels on the device (adds tail.onnx)")
     p.add_argument("--max-length", type=int, default=2048, help="longest sequence the graphs accept")
+    p.add_argument("--graphs-from", metavar="BUNDLE",
+                   help="fedavg / distill: copy train.onnx from this fedavg or distill bundle of the same model, "
+                        "trainables, quant and max length instead of tracing it again (checked by its manifest)")
     p.add_argument("--eval-text", help="a text file: report perplexity of the model vs this bundle's head")
     p.add_argument("--clip", type=float, help="privacy floor in the manifest: every device clips each token's h_K "
                                               "to this L2 norm at least (a device may go stronger, never weaker)")
@@ -557,6 +561,8 @@ def _compare_parser(sub) -> None:
                    help="for 'bytes to target' (default: the worst final loss among configurations that improved)")
     p.add_argument("--seed", type=int, default=0, help="partition, data order (client i: seed + i), held-out split")
     p.add_argument("--bundles", help="bundle cache folder (default: $SPLITLM_CACHE/compare-bundles)")
+    p.add_argument("--export-jobs", type=int, default=0,
+                   help="bundles exported at a time before the runs, one thread each (default: one per core)")
     p.add_argument("--out", default="splitlm-compare", help="results folder; a rerun skips finished configurations")
     p.set_defaults(run=_cmd_compare)
 

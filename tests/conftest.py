@@ -97,7 +97,8 @@ def tiny_bundle(tiny_llama, tiny_gpt2, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_whole_bundle(tiny_llama, tmp_path_factory):
     """`tiny_whole_bundle(mode, train)`: a whole-model (fedavg / distill) fp32 bundle of tiny_llama,
-    LoRA rank 4, top-k 8, exported once a session through the CLI (the slow export, shared)."""
+    LoRA rank 4, top-k 8, exported once a session through the CLI (the slow export, shared); the
+    distill bundle's train.onnx comes from the fedavg one (`--graphs-from`)."""
     from splitlm.manifest import Bundle
 
     made: dict[tuple[str, str], Bundle] = {}
@@ -105,8 +106,10 @@ def tiny_whole_bundle(tiny_llama, tmp_path_factory):
     def get(mode: str, train: str = "lora") -> Bundle:
         if (mode, train) not in made:
             out = tmp_path_factory.mktemp("whole") / f"{mode}-{train}"
+            # distill takes train.onnx from the fedavg bundle, as `splitlm compare` exports it
+            reuse = ["--graphs-from", str(get("fedavg", train).path)] if mode == "distill" else []
             r = run_cli("export", str(tiny_llama), "--mode", mode, "--train", train, "--quant", "fp32", "--out",
-                        str(out), "--lora-rank", "4", "--max-length", "128", "--topk", "8")
+                        str(out), "--lora-rank", "4", "--max-length", "128", "--topk", "8", *reuse)
             assert r.returncode == 0, r.stderr
             made[mode, train] = Bundle.open(out)
         return made[mode, train]

@@ -216,3 +216,37 @@ def test_the_graph_cleaner_matches_onnxscripts_optimizer(tiny_llama, tmp_path):
     assert len(outs[0]) == len(loras)
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_whole_model_export_takes_train_onnx_from_another_bundle_and_traces_only_its_own_graphs(
+        tiny_llama, tiny_whole_bundle, tmp_path):
+    """`--graphs-from`: the session's distill bundle was exported from the fedavg one (conftest) and
+    shares its train.onnx, with topk and kd_grad traced; a fedavg bundle taken back from the distill
+    one traces nothing and is the fedavg bundle again, file for file. (That the copied graph is
+    the one tracing gives: two SmolLM2 exports in separate processes wrote the same sha256.)"""
+    fedavg, distill = tiny_whole_bundle("fedavg", "lora"), tiny_whole_bundle("distill", "lora")
+    assert distill.manifest.files["train.onnx"] == fedavg.manifest.files["train.onnx"]
+    assert {"topk.onnx", "kd_grad.onnx"} <= distill.manifest.files.keys()
+    out = tmp_path / "fedavg"
+    r = run_cli("export", str(tiny_llama), "--mode", "fedavg", "--quant", "fp32", "--out", str(out), "--lora-rank",
+                "4", "--max-length", "128", "--graphs-from", str(distill.path))
+    assert r.returncode == 0, r.stderr
+    assert f"(from {distill.path})" in r.stdout
+    again = Bundle.open(out).manifest
+    assert again.files == fedavg.manifest.files
+    assert again.mode == "fedavg" and again.topk == 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--mode", "distill", "--lora-rank", "8"], "LoRA (this export: rank 8, alpha 16"),
+    (["--mode", "fedavg", "--lora-rank", "4", "--quant", "q8"], "differs in quant (this export: q8)"),
+    (["--mode", "split", "--cut", "2"], "--graphs-from only applies to --mode fedavg and distill"),
+])
+def test_graphs_from_a_bundle_that_does_not_match_is_refused(tiny_llama, tiny_whole_bundle, tmp_path, args, needle):
+    fedavg = tiny_whole_bundle("fedavg", "lora")
+    out = tmp_path / "out"
+    r = run_cli("export", str(tiny_llama), "--max-length", "128", "--topk", "8", *args, "--graphs-from",
+                str(fedavg.path), "--out", str(out), *([] if "--quant" in args else ["--quant", "fp32"]))
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert not out.exists()
