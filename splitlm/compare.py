@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class CompareConfig:
     target_loss: float | None = None  # None: the worst final loss among configurations that improved
     seed: int = 0
     bundles: Path | None = None       # bundle cache; None: $SPLITLM_CACHE/compare-bundles
+    export_jobs: int = 0              # bundle exports at a time; 0: one per core
 
     def settings(self) -> dict:
         """What a finished run must have been run with to count as done (not where things live)."""
@@ -221,31 +223,98 @@ def bundle_key(spec: RunSpec, cfg: CompareConfig, model_hash: str) -> str:
     return f"{what}-{cfg.quant}-{digest}"
 
 
-def ensure_bundle(spec: RunSpec, cfg: CompareConfig, model: Path, model_hash: str, *, log) -> Path:
+def ensure_bundle(spec: RunSpec, cfg: CompareConfig, model: Path, model_hash: str, *, log,
+                  graphs_from: Path | None = None) -> Path:
     """The cached bundle of `spec`, exported (as a subprocess, logged) when it is not there yet or
-    when this splitlm refuses its manifest (a bundle from an older splitlm: exported again)."""
+    when this splitlm refuses its manifest (a bundle from an older splitlm: exported again).
+    `graphs_from`: a whole-model bundle whose train.onnx this one shares (`export --graphs-from`)."""
     where = bundle_cache(cfg) / bundle_key(spec, cfg, model_hash)
-    if (where / "manifest.json").is_file():
-        try:
-            Manifest.from_json((where / "manifest.json").read_text())
-            return where
-        except BundleMismatch as e:
-            log(f"the cached {spec.id} bundle is stale ({e}); exporting it again")
-            shutil.rmtree(where)
-    log(f"exporting the {spec.id} bundle to {where} (once; whole-model bundles of a 135M model take "
-        "tens of minutes on 2 cores) ...")
+    if cached_bundle(spec, cfg, model_hash, log=log):
+        return where
+    log(f"exporting the {spec.id} bundle to {where}" + (f", its train.onnx from {graphs_from.name}" if graphs_from else "")
+        + " (once; whole-model bundles of a 135M model take minutes on 2 cores) ...")
     where.parent.mkdir(parents=True, exist_ok=True)
     logfile = cfg.out / "logs" / f"export-{where.name}.log"
     logfile.parent.mkdir(parents=True, exist_ok=True)
+    extra = ["--graphs-from", str(graphs_from)] if graphs_from else []
     t0 = time.monotonic()
     with open(logfile, "w") as f:
-        done = subprocess.run(cli_command("export", str(model), *export_args(spec, cfg), "--out", str(where)),
+        done = subprocess.run(cli_command("export", str(model), *export_args(spec, cfg), *extra, "--out", str(where)),
                               stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
     if done.returncode != 0:
         raise SplitLMError(f"exporting the {spec.id} bundle failed (exit {done.returncode}); see {logfile}:\n"
                            + _tail(logfile))
-    log(f"  exported in {time.monotonic() - t0:.0f} s")
+    log(f"  {spec.id} exported in {time.monotonic() - t0:.0f} s")
     return where
+
+
+def cached_bundle(spec: RunSpec, cfg: CompareConfig, model_hash: str, *, log) -> Path | None:
+    """`spec`'s bundle in the cache, or None; a bundle there that this splitlm refuses is removed."""
+    where = bundle_cache(cfg) / bundle_key(spec, cfg, model_hash)
+    if not (where / "manifest.json").is_file():
+        return None
+    try:
+        Manifest.from_json((where / "manifest.json").read_text())
+        return where
+    except BundleMismatch as e:
+        log(f"the cached {spec.id} bundle is stale ({e}); exporting it again")
+        shutil.rmtree(where)
+        return None
+
+
+EXPORT_COST = {"split": 1, "fedavg": 4, "distill": 5}  # relative export times on SmolLM2 (distill: topk + kd_grad)
+
+
+def ensure_bundles(specs: list[RunSpec], cfg: CompareConfig, model: Path, model_hash: str, *, jobs: int,
+                   log) -> dict[RunSpec, Path | SplitLMError]:
+    """Every spec's bundle, the missing ones exported before any run starts, `jobs` exports at a time
+    (each is one single-threaded process, so on 2 cores two take the time of one; no run is
+    measured while they go), in the chains of `export_chains`. Returns each spec's bundle folder,
+    or the error its export ended with."""
+    out: dict[RunSpec, Path | SplitLMError] = {}
+    for spec in specs:
+        where = cached_bundle(spec, cfg, model_hash, log=log)
+        if where is not None:
+            out[spec] = where
+    chains = export_chains([s for s in specs if s not in out], set(out))
+
+    def export_chain(chain: list[tuple[RunSpec, RunSpec | None]]) -> None:
+        for spec, lender in chain:
+            source = out.get(lender) if lender else None
+            try:
+                out[spec] = ensure_bundle(spec, cfg, model, model_hash, log=log,
+                                          graphs_from=source if isinstance(source, Path) else None)
+            except SplitLMError as e:
+                out[spec] = e
+
+    if chains:
+        log(f"exporting {sum(map(len, chains))} bundle(s), {jobs} at a time: "
+            + "; ".join(" then ".join(spec.id for spec, _ in chain) for chain in chains))
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(export_chain, chains))
+    return out
+
+
+EXPORT_COST = {"split": 1, "fedavg": 4, "distill": 5}  # relative export times on SmolLM2 (distill: topk + kd_grad)
+
+
+def export_chains(missing: list[RunSpec], cached: set[RunSpec]) -> list[list[tuple[RunSpec, RunSpec | None]]]:
+    """The exports to run, as chains of (spec, the spec whose bundle lends it train.onnx, or None),
+    the costliest chain first (a greedy longest-first schedule over the export workers).
+
+    A distill bundle takes its train.onnx from the fedavg LoRA bundle of the same rank when the
+    grid has one (`export --graphs-from`; a third of a distill export): after it, in its chain,
+    when that bundle is being exported too, or from the cache."""
+    chains = {spec: [(spec, None)] for spec in missing if spec.mode != "distill"}
+    for spec in missing:
+        if spec.mode != "distill":
+            continue
+        lender = RunSpec("fedavg", rank=spec.rank)
+        if lender in chains:
+            chains[lender].append((spec, lender))
+        else:
+            chains[spec] = [(spec, lender if lender in cached else None)]
+    return sorted(chains.values(), key=lambda chain: -sum(EXPORT_COST[spec.mode] for spec, _ in chain))
 
 
 # ---------------------------------------------------------------- one run
@@ -399,7 +468,9 @@ def run_compare(cfg: CompareConfig, *, log=print) -> dict:
     partition = json.loads((cfg.out / "partition.json").read_text())
     judge = Judge(model, eval_path, seq_len=cfg.seq_len, max_examples=cfg.eval_examples)
     base = judge.base(cfg.out / "base.json", settings)
-    model_hash = None
+    pending = [spec for spec in specs if _finished(RunFiles(cfg.out / "runs" / spec.id), settings) is None]
+    bundles = ensure_bundles(pending, cfg, model, model_folder_hash(model), jobs=cfg.export_jobs or os.cpu_count() or 1,
+                             log=log) if pending else {}
     outcomes = []
     for n, spec in enumerate(specs, 1):
         label = f"[{n}/{len(specs)} {spec.id}]"
@@ -410,8 +481,9 @@ def run_compare(cfg: CompareConfig, *, log=print) -> dict:
             outcomes.append(Outcome(spec, done, skipped=True))
             continue
         try:
-            model_hash = model_hash or model_folder_hash(model)
-            bundle = ensure_bundle(spec, cfg, model, model_hash, log=log)
+            bundle = bundles[spec]
+            if isinstance(bundle, SplitLMError):
+                raise bundle
             _fresh(files.root)
             log(f"{label} starting: a server and {cfg.clients} edge processes")
             times = run_processes(spec, cfg, model=model, bundle=bundle, shards=shards, files=files, label=label,
@@ -473,4 +545,4 @@ def config_from_args(args) -> CompareConfig:
                          ranks=ints(args.ranks), quant=args.quant, max_length=args.max_length, topk=args.topk,
                          wire=args.wire, update_wire=args.update_wire, eval_examples=args.eval_examples,
                          target_loss=args.target_loss, seed=args.seed,
-                         bundles=Path(args.bundles) if args.bundles else None)
+                         bundles=Path(args.bundles) if args.bundles else None, export_jobs=args.export_jobs)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from splitlm.demo import read_jsonl
@@ -89,12 +90,17 @@ class Judge:
         return read_examples(self.data)[:self.max_examples]
 
     def _judge(self, loaded, tokenizer) -> dict:
+        """Every core: judging runs between configurations, when no process is measured."""
         import torch
 
         from splitlm.cloud_server.evaluate import judge
 
-        torch.set_num_threads(1)
-        return judge(loaded, tokenizer, self._examples(), label="model", progress=False, **self.kw).as_dict()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            return judge(loaded, tokenizer, self._examples(), label="model", progress=False, **self.kw).as_dict()
+        finally:
+            torch.set_num_threads(threads)
 
     def base(self, cache: Path, settings: dict) -> dict:
         """The model before any training (every configuration starts there); cached in `cache`."""

@@ -161,3 +161,33 @@ def test_bytes_to_target_is_the_cumulative_bytes_when_the_loss_first_reaches_it(
     assert summarize(b, clients=2, target=target)["bytes_to_target"] == 6
     assert summarize(worse, clients=2, target=target)["bytes_to_target"] is None
     assert summarize(a, clients=2, target=target)["bytes_up_per_round_per_client"] == 2.5
+
+
+def test_exports_are_chained_so_distill_takes_its_train_graph_from_fedavg_lora():
+    """The default grid from a cold cache: distill follows the fedavg LoRA bundle of its rank (it
+    copies that train.onnx), the costliest chain first; a cached lender is used directly; a rank
+    without a fedavg sibling traces its own."""
+    split = RunSpec("split", labels="server", cut=2, rank=8)
+    lora8, lora4, full = RunSpec("fedavg", rank=8), RunSpec("fedavg", rank=4), RunSpec("fedavg", train="full")
+    kd8, kd4, kd2 = RunSpec("distill", rank=8), RunSpec("distill", rank=4), RunSpec("distill", rank=2)
+    from splitlm.compare import export_chains
+
+    assert export_chains([split, lora8, full, kd8], set()) == [[(lora8, None), (kd8, lora8)], [(full, None)],
+                                                                [(split, None)]]
+    assert export_chains([kd8, kd4, kd2, split], {lora8, lora4}) == [[(kd8, lora8)], [(kd4, lora4)], [(kd2, None)],
+                                                                    [(split, None)]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_greedy_completions_equal_one_prompt_at_a_time(tiny_llama, tiny_gpt2, family):
+    """The judge generates 8 left-padded prompts per call; each continuation is the one it gets alone."""
+    from splitlm.cloud_server.evaluate import greedy_completions, load_for_eval
+    from splitlm.data import PromptExample
+
+    loaded, tokenizer = load_for_eval(str({"llama": tiny_llama, "gpt2": tiny_gpt2}[family]))
+    words = "the quick brown fox jumps over the lazy dog near the river bank every evening".split()
+    pairs = [PromptExample(" ".join(words[:n]), " ".join(words[n:n + 1 + n % 4])) for n in range(1, 12)]
+    batched = greedy_completions(loaded, tokenizer, pairs, batch_size=8)
+    alone = greedy_completions(loaded, tokenizer, pairs, batch_size=1)
+    assert len(batched) == len(pairs) and any(batched)
+    assert batched == alone
