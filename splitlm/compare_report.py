@@ -73,25 +73,26 @@ def _totals(records: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- judging round outputs
 
-JUDGE_TOKENS = 2048  # tokens per judging batch: SmolLM2's (B, T, vocab) logits stay under ~400 MB
+JUDGE_TOKENS = 2048  # tokens per judging batch: SmolLM2's (B, T, vocab) logits ~400 MB
 
 
 def judge_batch_size(seq_len: int) -> int:
-    """Sequences per judging batch: JUDGE_TOKENS of them, at least 8. Larger batches judge faster
-    on CPU (SmolLM2, 64 held-out examples of 64 tokens, 2 threads: 12.3 s at 8, 9.0 at 16, 7.7 at
-    32), and the logits grow with batch x length, so the batch shrinks as sequences grow."""
+    """As many sequences as fit in JUDGE_TOKENS tokens, but never fewer than 8 (the batch `splitlm
+    eval` uses; past 256 tokens that floor, not JUDGE_TOKENS, sets the logits' size). Larger batches
+    judge faster on CPU (SmolLM2, 64 held-out examples of 64 tokens, 2 threads: 12.3 s at 8, 9.0 at
+    16, 7.7 at 32), and the logits grow with batch x length, so the batch shrinks as sequences grow."""
     return max(8, JUDGE_TOKENS // seq_len)
 
 
 class Judge:
     """`splitlm eval` on the held-out data, for the base model and each round's output."""
 
-    def __init__(self, model: Path, data: Path, *, seq_len: int, max_examples: int, batch_size: int | None = None):
+    def __init__(self, model: Path, data: Path, *, seq_len: int, max_examples: int):
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # a "Loading weights" bar per round would bury the progress lines
         self.model, self.data = model, data
-        self.kw = dict(seq_len=seq_len, batch_size=batch_size or judge_batch_size(seq_len))
+        self.kw = dict(seq_len=seq_len, batch_size=judge_batch_size(seq_len))
         self.max_examples = max_examples
 
     def _examples(self):
