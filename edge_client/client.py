@@ -76,6 +76,7 @@ class EdgeConfig:
     reconnect_tries: int = 8        # reconnects in a row before giving up (0.5 s doubling to 8 s apart)
     privacy: PrivacySettings = PrivacySettings()  # the device's floor; the manifest can only raise it
     tail_chunk: int | None = None   # tokens per tail.onnx run (labels on device); None: the runtime's default
+    keep_activations: bool = False  # keep the forward's activations for the backward (bundle exported with it)
     credential: Path | None = None  # from `splitlm enroll`: signs every connection (client_id must be its id)
     ca: Path | None = None          # wss://: the CA to trust; None: the system's trust store
 
@@ -241,7 +242,7 @@ class EdgeClient:
         m = self.bundle.manifest
         self.data = Dataset.from_file(cfg.data, self.bundle, seq_len=min(cfg.seq_len, m.max_length),
                                       batch_size=cfg.batch_size, seed=cfg.seed)
-        self.runtime = HeadRuntime(self.bundle, threads=cfg.threads,
+        self.runtime = HeadRuntime(self.bundle, threads=cfg.threads, keep_activations=cfg.keep_activations,
                                    **({"tail_chunk": cfg.tail_chunk} if cfg.tail_chunk else {}))
         self.lora = self.bundle.lora_init()
         self.optim = AdamW(lr=cfg.lr)

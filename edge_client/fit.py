@@ -9,12 +9,14 @@ chunk that fit, or a refusal before any connection.
 
 The model, per batch B x T tokens and tail chunk c, in MB:
 
-    peak = sessions + (1 + MARGIN) * max(B * (a*T + b*T^2), t*c) + buffers(B, T)
+    peak = sessions + (1 + MARGIN) * max(B * (a*T + b*T^2), t*c + kept(B, T)) + buffers(B, T)
 
 `sessions` is the resident size with the sessions open (weights, onnxruntime, numpy); a*T + b*T^2
 a step's transient memory for one row (activations grow with T, attention scores with T^2),
 fitted to the two probed lengths; t the tail's logits and their gradient per token; buffers the
-step's float tensors held across it (h_K, h_N, dL/dh_N, dL/dh_K). The high-water mark is reset by
+step's float tensors held across it (h_K, h_N, dL/dh_N, dL/dh_K); kept(B, T), with --keep-activations,
+the activations held from the forward to the backward, alive while the tail runs (counted from the
+arrays, fitted the same way; 0 otherwise). The high-water mark is reset by
 writing 5 to /proc/self/clear_refs (Linux); where that is not possible the probes run smallest
 first and each is measured against the sessions' baseline, which can only overestimate.
 bench/bench_device.py prints the prediction beside the measured peak for SmolLM2 q4 at 1 x 512.
@@ -53,13 +55,20 @@ class Costs:
     tail_per_token: float     # MB per tail token (0 without a tail)
     hidden_size: int
     measured: str             # "clear_refs" or "baseline"
+    kept_a: float = 0.0       # --keep-activations: MB per token of one row held from forward to backward
+    kept_b: float = 0.0       # and per token^2 (attention probabilities); counted exactly, not sampled
 
     def step_mb(self, batch: int, seq: int) -> float:
         return batch * (self.a * seq + self.b * seq * seq)
 
+    def kept_mb(self, batch: int, seq: int) -> float:
+        return batch * (self.kept_a * seq + self.kept_b * seq * seq)
+
     def predict(self, batch: int, seq: int, chunk: int) -> float:
+        """The step's transient (kept activations included), or the tail's beside the kept activations."""
         buffers = 4 * batch * seq * self.hidden_size * 4 / 1e6
-        return self.sessions_mb + (1 + MARGIN) * max(self.step_mb(batch, seq), self.tail_per_token * chunk) + buffers
+        tail = self.tail_per_token * chunk + (self.kept_mb(batch, seq) if self.tail_per_token else 0.0)
+        return self.sessions_mb + (1 + MARGIN) * max(self.step_mb(batch, seq), tail) + buffers
 
 
 @dataclass(frozen=True)
@@ -109,17 +118,17 @@ def _transient(run, baseline: float) -> float:
     return max(0.0, rss_peak_mb() - before)
 
 
-def measure(bundle: str, *, seq: int, chunk: int, threads: int) -> Costs:
+def measure(bundle: str, *, seq: int, chunk: int, threads: int, keep_activations: bool = False) -> Costs:
     """Costs of this bundle on this machine: run in a process of its own (see `probe`)."""
     import numpy as np
 
     from .runtime import HeadRuntime
 
-    rt = HeadRuntime(bundle, threads=threads, tail_chunk=None)
+    rt = HeadRuntime(bundle, threads=threads, tail_chunk=None, keep_activations=keep_activations)
     m = rt.manifest
     sessions = rss_peak_mb()
     loras = rt.bundle.lora_init()
-    rows = {}
+    rows, kept = {}, {}
     for t in sorted({max(PROBE_MIN_T, seq // 4), max(PROBE_MIN_T, seq // 2)}):
         t = min(t, m.max_length)
         ids = np.ones((1, t), np.int64)
@@ -127,16 +136,19 @@ def measure(bundle: str, *, seq: int, chunk: int, threads: int) -> Costs:
 
         def step():
             hidden = rt.forward(ids, mask, loras)  # (1, T, H)
+            kept[t] = sum(x.nbytes for x in rt.kept.saved.values()) / 1e6 if rt.kept else 0.0
             rt.lora_grads(ids, mask, np.full_like(hidden, 1e-3), loras)
         rows[t] = _transient(step, sessions)
     a, b = _fit(rows)
+    kept_a, kept_b = _fit(kept)
     tail = 0.0
     if rt.has_tail:
         c = max(3, min(chunk, m.max_length))
         ids = np.ones((1, c), np.int64)
         hidden = np.zeros((1, c, m.model.hidden_size), np.float32)
         tail = _transient(lambda: rt.tail(hidden, ids, np.ones_like(ids)), sessions) / c
-    return Costs(sessions, a, b, tail, m.model.hidden_size, "clear_refs" if _reset_peak() else "baseline")
+    return Costs(sessions, a, b, tail, m.model.hidden_size, "clear_refs" if _reset_peak() else "baseline",
+                 kept_a, kept_b)
 
 
 def _fit(rows: dict[int, float]) -> tuple[float, float]:
@@ -149,10 +161,10 @@ def _fit(rows: dict[int, float]) -> tuple[float, float]:
     return max(d1 / t1 - b * t1, 0.0) if b else max(d1 / t1, d2 / t2), b
 
 
-def probe(bundle: str | Path, *, seq: int, chunk: int, threads: int) -> Costs:
+def probe(bundle: str | Path, *, seq: int, chunk: int, threads: int, keep_activations: bool = False) -> Costs:
     """`measure` in a fresh subprocess, so its peak is the probe's alone and its memory goes back."""
     cmd = [sys.executable, "-m", "splitlm.edge_client.fit", str(bundle), "--seq", str(seq), "--chunk", str(chunk),
-           "--threads", str(threads)]
+           "--threads", str(threads), *(["--keep-activations"] if keep_activations else [])]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SplitLMError(f"--max-memory: measuring this bundle failed: {out.stderr.strip()[-500:]}")
@@ -167,7 +179,7 @@ def fit_config(cfg, budget_mb: float, *, log=print):
 
     seq = min(cfg.seq_len, Bundle.open(cfg.bundle, verify=False).manifest.max_length)
     chunk = cfg.tail_chunk or TAIL_CHUNK
-    costs = probe(cfg.bundle, seq=seq, chunk=chunk, threads=cfg.threads)
+    costs = probe(cfg.bundle, seq=seq, chunk=chunk, threads=cfg.threads, keep_activations=cfg.keep_activations)
     fit = choose(costs, budget_mb=budget_mb, batch=cfg.batch_size, seq=seq, chunk=chunk)
     log(f"--max-memory {budget_mb:g} MB: batch {fit.batch} x {seq} tokens, tail chunk {fit.chunk}, "
         f"predicted peak {fit.predicted_mb:.0f} MB (sessions {costs.sessions_mb:.0f} MB, measured here)")
@@ -180,8 +192,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--chunk", type=int, required=True)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--keep-activations", action="store_true")
     args = ap.parse_args()
-    costs = measure(args.bundle, seq=args.seq, chunk=args.chunk, threads=args.threads)
+    costs = measure(args.bundle, seq=args.seq, chunk=args.chunk, threads=args.threads,
+                    keep_activations=args.keep_activations)
     print(json.dumps(dataclasses.asdict(costs)))
 
 

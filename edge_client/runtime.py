@@ -2,6 +2,9 @@
 
     forward(ids, mask, loras)               head.onnx       -> hidden            (B, T, H)
     lora_grads(ids, mask, grad_h, loras)    head_grad.onnx  -> {name: dL/dlora}
+      keep_activations=True (bundles exported with --keep-activations):
+    forward(ids, mask, loras)               head_saved.onnx -> hidden, and keeps what backward reads
+    lora_grads(ids, mask, grad_h, loras)    head_grad_kept.onnx, fed those: no second forward
     tail(hidden_N, labels, mask)            tail.onnx       -> loss, dL/dhidden_N  (labels on device)
                                             run `tail_chunk` tokens at a time (edge_client/tail.py)
 
@@ -65,7 +68,7 @@ class HeadRuntime:
 
     def __init__(self, bundle: Bundle | str | Path, *, threads: int = 0, share_weights: bool = True,
                  mem_arena: bool = False, tail_chunk: int | None = TAIL_CHUNK, grad_mem_reuse: bool = False,
-                 mmap_threshold: int = MMAP_THRESHOLD):
+                 mmap_threshold: int = MMAP_THRESHOLD, keep_activations: bool = False):
         self.tail_chunk = tail_chunk  # None: the whole batch in one run
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.manifest = self.bundle.manifest
@@ -73,10 +76,23 @@ class HeadRuntime:
         if not mem_arena:
             give_back_large_blocks(mmap_threshold)
         self.pool = WeightPool() if share_weights else None
-        self.head = self._session("head.onnx")
-        # head_grad's peak is the step's peak: there onnxruntime frees each activation after its
-        # last use instead of holding it for a later tensor of the same size (see open_session).
-        self.head_grad = self._session("head_grad.onnx", mem_reuse=grad_mem_reuse or mem_arena)
+        self.grad_mem_reuse = grad_mem_reuse or mem_arena
+        self.kept: Kept | None = None  # keep_activations: the last forward's, until its lora_grads
+        if keep_activations:
+            missing = [n for n in KEPT_GRAPHS if n not in self.manifest.files]
+            if missing:
+                raise BundleMismatch(f"bundle {self.bundle.path} has no {' or '.join(missing)}: export it with "
+                                     f"--keep-activations to keep activations on the device")
+            self.head = self._session("head_saved.onnx")
+            self.head_grad_kept = self._session("head_grad_kept.onnx", mem_reuse=self.grad_mem_reuse)
+            self.saved_names = [o.name for o in self.head.get_outputs()][1:]
+            self._head_grad = None  # opened if a backward ever comes without its forward kept
+        else:
+            self.head = self._session("head.onnx")
+            # head_grad's peak is the step's peak: there onnxruntime frees each activation after its
+            # last use instead of holding it for a later tensor of the same size (see open_session).
+            self._head_grad = self._session("head_grad.onnx", mem_reuse=self.grad_mem_reuse)
+        self.keep_activations = keep_activations
         # The tail shares no weight with the head's graphs (its LM head is 8-bit, the embedding is
         # not), and outside the pool onnxruntime frees each weight once its int8 kernel has packed it.
         pool_tail = self.manifest.quant == "fp32"
@@ -90,20 +106,37 @@ class HeadRuntime:
         return open_session(self.bundle, name, pool=self.pool if pooled else None, threads=self.threads,
                             mem_arena=self.mem_arena, mem_reuse=mem_reuse)
 
+    @property
+    def head_grad(self) -> ort.InferenceSession:
+        if self._head_grad is None:
+            self._head_grad = self._session("head_grad.onnx", mem_reuse=self.grad_mem_reuse)
+        return self._head_grad
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 loras: dict[str, np.ndarray]) -> np.ndarray:
-        """hidden_K (B, T, H) float32 of the head with these LoRA tensors."""
+        """hidden_K (B, T, H) float32 of the head with these LoRA tensors (keep_activations: and
+        what its backward reads, held for the next `lora_grads` of the same inputs)."""
         feed = {**self._token_inputs(input_ids, attention_mask), **self._lora_inputs(loras)}
-        return self.head.run(["hidden"], feed)[0]
+        if not self.keep_activations:
+            return self.head.run(["hidden"], feed)[0]
+        self.kept = None  # the previous step's go before this one's are made
+        hidden, *saved = self.head.run(["hidden", *self.saved_names], feed)
+        self.kept = Kept({k: v.copy() for k, v in feed.items()}, dict(zip(self.saved_names, saved)))
+        return hidden
 
     def lora_grads(self, input_ids: np.ndarray, attention_mask: np.ndarray, grad_hidden: np.ndarray,
                    loras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """dL/d(each LoRA tensor) given dL/dhidden_K (B, T, H), by name."""
+        """dL/d(each LoRA tensor) given dL/dhidden_K (B, T, H), by name. With activations kept from
+        a forward of the same ids, mask and LoRA, from those; otherwise the forward runs again."""
         feed = {**self._token_inputs(input_ids, attention_mask),
                 "grad_hidden": self._float(grad_hidden, "grad_hidden", input_ids.shape),
                 **self._lora_inputs(loras)}
         names = list(self.manifest.lora.tensors)
-        return dict(zip(names, self.head_grad.run([f"grad.{n}" for n in names], feed)))
+        outputs = [f"grad.{n}" for n in names]
+        kept, self.kept = self.kept, None
+        if kept is not None and kept.matches(feed):
+            return dict(zip(names, self.head_grad_kept.run(outputs, {**feed, **kept.saved})))
+        return dict(zip(names, self.head_grad.run(outputs, feed)))
 
     def tail(self, hidden: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray) -> tuple[float, np.ndarray]:
         """(loss, dL/dhidden_N (B, T, H)): mean next-token cross-entropy of the tail on the device."""
@@ -141,6 +174,25 @@ class HeadRuntime:
     def _lora_inputs(self, loras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ordered = ordered_tensors(loras, self.manifest.lora.tensors, what="LoRA tensor")
         return {name: np.ascontiguousarray(t, np.float32) for name, t in ordered.items()}
+
+
+KEPT_GRAPHS = ("head_saved.onnx", "head_grad_kept.onnx")
+
+
+@dataclass
+class Kept:
+    """One forward's inputs and the activations its backward reads (export/graphs.py's head_saved).
+
+    SmolLM2 cut at 2 keeps ~45 KB a token (fp32): 23 MB at batch 1 x 512, held from the forward
+    until the server's gradient comes back."""
+
+    inputs: dict[str, np.ndarray]  # input_ids, attention_mask and the LoRA tensors, as fed
+    saved: dict[str, np.ndarray]
+
+    def matches(self, feed: dict[str, np.ndarray]) -> bool:
+        """The same ids, mask and LoRA values as the forward that kept them (an optimizer step or
+        another batch in between would make them another step's)."""
+        return all(name in feed and np.array_equal(feed[name], value) for name, value in self.inputs.items())
 
 
 def open_session(bundle: Bundle, name: str, *, pool: "WeightPool | None", threads: int = 0,

@@ -42,6 +42,7 @@ class ExportOptions:
     public_seq_len: int = 128       # distill: the public set is packed into sequences this long
     privacy: dict = field(default_factory=dict)  # split: the devices' defense floor (edge_client.privacy keys)
     graphs_from: Path | None = None  # fedavg / distill: copy train.onnx from this bundle (whole_bundle.reusable_train_graph)
+    keep_activations: bool = False  # split: also head_saved.onnx + head_grad_kept.onnx (a step without a second forward)
 
 
 def resolve_model_path(model: str) -> Path:
@@ -169,7 +170,8 @@ def graph_opset(path: Path) -> int:
 def _write(staging: Path, graphs: ClientGraphs, loaded, path: Path, opts: ExportOptions, *, log) -> Manifest:
     fp32 = staging / "fp32"
     fp32.mkdir()
-    files = export_client_graphs(graphs, fp32, with_tail=opts.labels == "device", max_seq=opts.max_length)
+    files = export_client_graphs(graphs, fp32, with_tail=opts.labels == "device", max_seq=opts.max_length,
+                                 keep_activations=opts.keep_activations)
     for name in files:
         preset = tail_preset(opts.quant) if name == "tail.onnx" else opts.quant
         if preset == "fp32":

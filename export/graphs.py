@@ -4,6 +4,11 @@
     head_grad(input_ids, attention_mask, grad_hidden, *loras) -> dL/d(each lora)
     tail(hidden_N, labels, attention_mask)             -> loss, dL/dhidden_N
 
+and, exported with --keep-activations, the same step without running the forward twice:
+
+    head_saved(input_ids, attention_mask, *loras)      -> hidden_K, *saved      (what backward reads)
+    head_grad_kept(input_ids, attention_mask, grad_hidden, *loras, *saved) -> dL/d(each lora)
+
 `torch.autograd.grad` inside a module's forward does not export (torch.export errors, or bakes
 the LoRA inputs in as constants). What works: trace the joint forward+backward function with
 `make_fx` into plain aten ops, `torch.export` that graph with dynamic batch and sequence, then
@@ -12,16 +17,21 @@ the LoRA inputs in as constants). What works: trace the joint forward+backward f
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import operator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+import sympy
 import torch
+import torch.fx.experimental._config as fx_shapes_config
 import torch.nn.functional as F
 from torch.fx import config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from splitlm.errors import ExportError
 
 from .arch import Arch
 from .lora import LoRAInputs
@@ -41,6 +51,7 @@ class ClientGraphs:
     arch: Arch
     cut: int
     lora: LoRAInputs
+    saved_layout: list | None = None  # head_saved's outputs, set when it is traced
 
     def head(self, input_ids, attention_mask, *loras):
         with self.lora.bind(dict(zip(self.lora.names, loras))):
@@ -53,12 +64,157 @@ class ClientGraphs:
             h = self.head(input_ids, attention_mask, *loras)
             return tuple(torch.autograd.grad(h, loras, grad_hidden))
 
+    def head_saved(self, input_ids, attention_mask, *loras):
+        """The head, and every activation its backward reads (autograd's saved tensors), each
+        reshaped to dims that are the batch, the sequence or constants. Traced only (see
+        `SavedActivations`); `self.saved_layout` is set from the trace."""
+        loras = [t.detach().requires_grad_(True) for t in loras]
+        saved = SavedActivations(input_ids, loras)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            h = self.head(input_ids, attention_mask, *loras)
+        outputs, self.saved_layout = saved.outputs()
+        return (h.detach(), *outputs)
+
+    def head_grad_kept(self, input_ids, attention_mask, grad_hidden, *loras_and_saved):
+        """head_grad with head_saved's tensors given: the forward is traced again, but backward reads
+        the inputs instead of its values, and `reroute_sizes` leaves the forward nothing to feed."""
+        n = len(self.lora.names)
+        loras = [t.detach().requires_grad_(True) for t in loras_and_saved[:n]]
+        saved = SavedActivations(input_ids, loras, given=loras_and_saved[n:])
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            h = self.head(input_ids, attention_mask, *loras)
+            return tuple(torch.autograd.grad(h, loras, grad_hidden))
+
     def tail(self, hidden, labels, attention_mask):
         hidden = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = causal_lm_loss(self.arch.logits(hidden), labels, attention_mask)
             (grad,) = torch.autograd.grad(loss, [hidden])
         return loss, grad
+
+
+class SavedActivations:
+    """autograd's saved tensors as graph outputs (head_saved) or graph inputs (head_grad_kept).
+
+    `torch.autograd.graph.saved_tensors_hooks` sees every tensor a backward formula keeps. Those
+    whose shape depends on the tokens' batch or sequence (a symbol of the trace that is not a LoRA
+    tensor's) are activations: head_saved returns them (each once), head_grad_kept takes them in
+    the same order, as the same trace of the same forward packs them. The rest (frozen weights and
+    their views, the LoRA tensors) stay in the backward graph as they are. A dim such as
+    batch * seq (a matmul's flattened rows) or batch * heads cannot be a graph input's dynamic
+    dim, so each saved tensor is reshaped to one dim per factor: ["B", "T", 64] is (batch, seq, 64).
+    """
+
+    def __init__(self, input_ids: torch.Tensor, loras: list[torch.Tensor], given: tuple = ()):
+        b, t = input_ids.shape[:2]
+        self.tokens = [(d.node.expr, d.node.hint) if isinstance(d, torch.SymInt) else None for d in (b, t)]
+        self.sizes = {"B": b, "T": t}
+        self.lora_symbols = {s for x in loras for d in x.shape if isinstance(d, torch.SymInt)
+                             for s in d.node.expr.free_symbols}
+        self.given, self.kept, self.shapes = given, [], []
+
+    def _activation(self, x: torch.Tensor) -> bool:
+        symbols = {s for d in x.shape if isinstance(d, torch.SymInt) for s in d.node.expr.free_symbols}
+        return bool(symbols - self.lora_symbols)
+
+    def pack(self, x: torch.Tensor):
+        if not self._activation(x):
+            return x
+        for i, k in enumerate(self.kept):
+            if k is x:
+                return i
+        self.kept.append(x)
+        self.shapes.append(x.shape)
+        return len(self.kept) - 1
+
+    def unpack(self, packed):
+        if not isinstance(packed, int):
+            return packed
+        return self.given[packed].view(self.shapes[packed]) if self.given else self.kept[packed]
+
+    def outputs(self) -> tuple[list[torch.Tensor], list[dict]]:
+        """The kept tensors in their output shapes, and each one's layout {"dims": [...], "dtype": ...}."""
+        if None in self.tokens:
+            raise ExportError("head_saved is traced with symbolic shapes only (make_fx tracing_mode='symbolic')")
+        outs, layout = [], []
+        for x in self.kept:
+            dims = [f for d in x.shape for f in self._factors(d)]
+            sizes = [self.sizes.get(f, f) if isinstance(f, str) else f for f in dims]
+            outs.append(x.detach().contiguous().view(sizes))
+            layout.append({"dims": dims, "dtype": x.dtype})
+        return outs, layout
+
+    def _factors(self, d) -> list:
+        if not isinstance(d, torch.SymInt):
+            return [int(d)]
+        expr, rest, out = d.node.expr, int(d.node.hint), []
+        for (symbol, hint), name in zip(self.tokens, "BT"):
+            if symbol in expr.free_symbols:
+                if sympy.degree(expr, symbol) != 1:
+                    raise ExportError(f"a saved activation has a dim {expr}: not batch/seq times a constant")
+                out.append(name)
+                rest //= hint
+        if expr.free_symbols - {s for s, _ in self.tokens} - self.lora_symbols:
+            raise ExportError(f"a saved activation has a dim {expr} that is not the tokens' batch or sequence")
+        return out + ([rest] if rest != 1 else [])
+
+
+
+def saved_examples(layout: list[dict], *, batch: int, seq: int) -> list[torch.Tensor]:
+    """Zero tensors shaped as head_saved's outputs for these batch and seq (head_grad_kept's tracing inputs)."""
+    sizes = {"B": batch, "T": seq}
+    return [torch.zeros([sizes.get(d, d) for d in item["dims"]], dtype=item["dtype"]) for item in layout]
+
+
+def saved_dynamic(layout: list[dict], batch, seq) -> list:
+    """torch.export dynamic_shapes for head_saved's outputs given back as inputs."""
+    return [{i: batch if d == "B" else seq for i, d in enumerate(item["dims"]) if d in ("B", "T")} or None
+            for item in layout]
+
+
+def reroute_sizes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Read every size from the graph's inputs, then drop what nothing uses.
+
+    In head_grad_kept the traced forward's values feed nothing but sizes: backward formulas and
+    `SavedActivations.unpack` ask the forward's tensors for their shape (`aten.sym_size`), which
+    would keep the whole forward alive in the graph. Each such size is an expression in the input
+    dims' symbols; it is rebuilt from the inputs' own sizes, and dead-code elimination removes the
+    forward (tiny Llama: 57 -> 32 MatMuls, the backward's alone)."""
+    graph = gm.graph
+    inputs = {}
+    for node in graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        for i, d in enumerate(getattr(val, "shape", ())):
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                inputs.setdefault(d.node.expr, (node, i))
+    built: dict = {}
+
+    def build(expr):
+        if expr not in built:
+            if expr.is_Integer:
+                built[expr] = int(expr)
+            elif expr.is_Symbol:
+                node, i = inputs[expr]
+                built[expr] = graph.call_function(torch.ops.aten.sym_size.int, (node, i))
+            elif expr.is_Mul or expr.is_Add:
+                op = operator.mul if expr.is_Mul else operator.add
+                terms = [build(a) for a in expr.args]
+                built[expr] = terms[0]
+                for term in terms[1:]:
+                    built[expr] = graph.call_function(op, (built[expr], term))
+            else:
+                raise ExportError(f"head_grad_kept: cannot rebuild the size {expr} from the graph's inputs")
+        return built[expr]
+
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    for node in list(graph.nodes):
+        if (node.op == "call_function" and node.target is torch.ops.aten.sym_size.int
+                and node.args[0].op != "placeholder"):
+            with graph.inserting_before(first):
+                node.replace_all_uses_with(build(node.meta["val"].node.expr))
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def next_token_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +248,9 @@ def trace_to_onnx(fn: Callable, args: tuple, *, input_names: list[str], output_n
 
 
 def trace_with_shapes(fn: Callable, args: tuple, dynamic: tuple, *, input_names: list[str],
-                      output_names: list[str], path: Path) -> None:
+                      output_names: list[str] | Callable[[], list[str]], path: Path,
+                      fx_pass: Callable | None = None, own_symbols: bool = False,
+                      runtime_asserts: bool = False) -> None:
     """make_fx -> torch.export (with these dynamic_shapes) -> ONNX, cleaned by `optimize_graph`.
 
     Two things torch would do for nothing, measured on SmolLM2's fedavg train graph (one sampled
@@ -104,11 +262,26 @@ def trace_with_shapes(fn: Callable, args: tuple, dynamic: tuple, *, input_names:
       (`_decomposed_already`). On tiny Llama's distill graphs: 107 -> 51 s, the same nodes and
       the same outputs to the bit. An op the table left would fail the export by name
       ("No ONNX function found"), not change a graph; torch is pinned, as these are its
-      private modules."""
+      private modules.
+
+    For head_saved / head_grad_kept: `output_names` may be a function called after make_fx (how
+    many tensors are saved is known from the trace); `fx_pass` rewrites the traced graph before
+    torch.export; own_symbols gives every input dim a symbol of its own, where make_fx gives one
+    symbol to all dims of the same example size (a saved tensor's head_dim of 16 and a sequence of
+    16 would become one, and the sequence a constant); runtime_asserts makes a guard sympy cannot
+    decide (a saved view's stride: seq * min(64, 64 * seq) == 64 * seq) a runtime check, not an
+    export error."""
+    duck = fx_shapes_config.patch(use_duck_shape=False) if own_symbols else nullcontext()
     with _no_stack_traces():
-        gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=onnx_decompositions(),
-                     _allow_non_fake_inputs=True)(*args)
-        program = torch.export.export(gm, args, dynamic_shapes=dynamic)
+        with duck:
+            gm = make_fx(lambda *a: fn(*a), tracing_mode="symbolic", decomposition_table=onnx_decompositions(),
+                         _allow_non_fake_inputs=True)(*args)
+        if fx_pass is not None:
+            gm = fx_pass(gm)
+        program = torch.export.export(gm, args, dynamic_shapes=dynamic,
+                                      prefer_deferred_runtime_asserts_over_guards=runtime_asserts)
+        if callable(output_names):
+            output_names = output_names()
         with _decomposed_already():
             onnx_program = torch.onnx.export(program, args, input_names=input_names, output_names=output_names,
                                              opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
@@ -210,8 +383,10 @@ def example_inputs(vocab: int, hidden: int, *, batch: int = 2, seq: int = 16) ->
             "hidden": torch.randn(batch, seq, hidden, generator=gen)}
 
 
-def export_client_graphs(graphs: ClientGraphs, out: Path, *, with_tail: bool, max_seq: int) -> list[str]:
-    """Write head.onnx, head_grad.onnx (and tail.onnx) into `out`; return the file names."""
+def export_client_graphs(graphs: ClientGraphs, out: Path, *, with_tail: bool, max_seq: int,
+                         keep_activations: bool = False) -> list[str]:
+    """Write head.onnx, head_grad.onnx (and tail.onnx; keep_activations: head_saved.onnx and
+    head_grad_kept.onnx) into `out`; return the file names."""
     cfg = graphs.arch.model.config
     ex = example_inputs(cfg.vocab_size, cfg.hidden_size)
     names = graphs.lora.names
@@ -225,9 +400,35 @@ def export_client_graphs(graphs: ClientGraphs, out: Path, *, with_tail: bool, ma
                   output_names=[f"grad.{n}" for n in names], n_dynamic=3, max_seq=max_seq,
                   path=out / "head_grad.onnx")
     files = ["head.onnx", "head_grad.onnx"]
+    if keep_activations:
+        files += export_kept_graphs(graphs, out, ids=ids, mask=mask, hidden=hidden, loras=loras, max_seq=max_seq)
     if with_tail:
         trace_to_onnx(graphs.tail, (hidden, ex["labels"], mask), input_names=list(TAIL_INPUTS),
                       output_names=["loss", "grad_hidden"], n_dynamic=3, max_seq=max_seq,
                       path=out / "tail.onnx", min_seq=MIN_TAIL_SEQ)
         files.append("tail.onnx")
     return files
+
+
+def export_kept_graphs(graphs: ClientGraphs, out: Path, *, ids, mask, hidden, loras, max_seq: int) -> list[str]:
+    """head_saved.onnx and head_grad_kept.onnx: the training step's forward keeps what its backward
+    reads, so the backward does not run the forward again (more memory held between the two)."""
+    names = graphs.lora.names
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    seq = torch.export.Dim("seq", min=2, max=max_seq)
+    tokens = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    graphs.saved_layout = None
+
+    def saved_names() -> list[str]:
+        return [f"saved.{i}" for i in range(len(graphs.saved_layout))]
+    trace_with_shapes(graphs.head_saved, (ids, mask, *loras), (*tokens, *[None] * len(loras)),
+                      input_names=[*HEAD_INPUTS, *names], output_names=lambda: ["hidden", *saved_names()],
+                      path=out / "head_saved.onnx", runtime_asserts=True)
+    layout, saved = graphs.saved_layout, saved_names()
+    examples = saved_examples(layout, batch=ids.shape[0], seq=ids.shape[1])
+    trace_with_shapes(graphs.head_grad_kept, (ids, mask, hidden, *loras, *examples),
+                      (*tokens, {0: batch, 1: seq}, *[None] * len(loras), *saved_dynamic(layout, batch, seq)),
+                      input_names=[*HEAD_INPUTS, "grad_hidden", *names, *saved],
+                      output_names=[f"grad.{n}" for n in names], path=out / "head_grad_kept.onnx",
+                      fx_pass=reroute_sizes, own_symbols=True, runtime_asserts=True)
+    return ["head_saved.onnx", "head_grad_kept.onnx"]

@@ -38,6 +38,9 @@ def check_whole_options(opts) -> None:
         raise ExportError(f"--cut only applies to --mode split; a {opts.mode} device holds the whole model")
     if opts.labels != "server":
         raise ExportError(f"--labels only applies to --mode split; a {opts.mode} device computes its own loss")
+    if opts.keep_activations:
+        raise ExportError(f"--keep-activations only applies to --mode split; a {opts.mode} device's train.onnx "
+                          f"runs its forward and backward in one graph already")
     if opts.lora_rank < 1 or opts.max_length < 3:
         raise ExportError(f"--lora-rank must be >= 1 and --max-length >= 3, got {opts.lora_rank} and {opts.max_length}")
     if opts.mode == "distill" and not (opts.topk >= 1 and 3 <= opts.public_seq_len <= opts.max_length):

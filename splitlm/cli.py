@@ -56,7 +56,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
                          lora_seed=args.lora_seed, max_length=args.max_length, mode=args.mode, train=args.train,
                          topk=args.topk, public=Path(args.public) if args.public else None,
                          public_seq_len=args.public_seq_len, privacy=floor,
-                         graphs_from=Path(args.graphs_from) if args.graphs_from else None)
+                         graphs_from=Path(args.graphs_from) if args.graphs_from else None,
+                         keep_activations=args.keep_activations)
     eval_text = _read_text(args.eval_text) if args.eval_text else None
     manifest = export_bundle(args.model, args.out, opts, log=lambda line: print(line, flush=True))
     if args.mode != "split":  # the fidelity report compares a head; a whole-model bundle has none
@@ -236,7 +237,8 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                      metrics_out=Path(args.metrics_out) if args.metrics_out else None,
                      state=Path(args.state) if args.state else None, resume=args.resume,
                      reconnect_tries=args.reconnect_tries, privacy=_privacy_settings(args),
-                     credential=_path(args.credential), ca=_path(args.ca))
+                     credential=_path(args.credential), ca=_path(args.ca),
+                     keep_activations=args.keep_activations)
     if args.max_memory is not None:  # before any connection: refuse what cannot fit
         from splitlm.edge_client.fit import fit_config
         from splitlm.manifest import Bundle
@@ -340,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphs-from", metavar="BUNDLE",
                    help="fedavg / distill: copy train.onnx from this fedavg or distill bundle of the same model, "
                         "trainables, quant and max length instead of tracing it again (checked by its manifest)")
+    p.add_argument("--keep-activations", action="store_true",
+                   help="split: also write head_saved.onnx and head_grad_kept.onnx, so a device started with "
+                        "--keep-activations keeps the forward's activations for the backward instead of running "
+                        "the forward again (faster step, more memory)")
     p.add_argument("--eval-text", help="a text file: report perplexity of the model vs this bundle's head")
     p.add_argument("--clip", type=float, help="privacy floor in the manifest: every device clips each token's h_K "
                                               "to this L2 norm at least (a device may go stronger, never weaker)")
@@ -465,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", type=float, metavar="MB",
                    help="peak memory this device may use: picks the batch size (<= --batch-size) and tail chunk "
                         "that fit, measured on this device, or refuses before connecting")
+    p.add_argument("--keep-activations", action="store_true",
+                   help="split: keep the forward's activations until the server's gradient comes back instead of "
+                        "running the forward again (a faster step, more memory; the bundle must be exported with "
+                        "--keep-activations)")
     p.set_defaults(run=_cmd_edge)
 
     p = sub.add_parser("enroll", help="issue a device credential (or --revoke one) for `serve --auth DIR`")
