@@ -250,3 +250,23 @@ def test_graphs_from_a_bundle_that_does_not_match_is_refused(tiny_llama, tiny_wh
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
     assert not out.exists()
+
+
+def test_small_integer_powers_become_multiplications(tmp_path):
+    """export/graphs.integer_powers: x**1, x**2, x**3 leave no Pow (onnxruntime's is a scalar
+    std::pow per element); any other exponent keeps its Pow; the outputs stay PyTorch's."""
+    import onnx
+
+    from splitlm.export.graphs import trace_with_shapes
+
+    def f(x):
+        return x ** 1 * 0.5 + x ** 2 - x ** 3 + x.abs() ** 2.5
+
+    x = torch.randn(3, 7)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    trace_with_shapes(f, (x,), ({1: seq},), input_names=["x"], output_names=["y"], path=tmp_path / "f.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node]
+    assert ops.count("Pow") == 1, ops
+    session = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    y = torch.randn(3, 11)
+    np.testing.assert_allclose(session.run(None, {"x": y.numpy()})[0], f(y).numpy(), rtol=1e-5, atol=1e-6)
