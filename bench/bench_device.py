@@ -1,6 +1,6 @@
 """The device, measured in one run: speed against PyTorch, memory, and FLOPs/bytes per step.
 
-    splitlm export default --cut 2 --quant fp32 --labels device --max-length 512 --out /tmp/smol-fp32-dev
+    splitlm export default --cut 2 --quant fp32 --labels device --max-length 512 --keep-activations --out /tmp/smol-fp32-dev
     python bench/bench_device.py /tmp/smol-fp32-dev [--variants fp32 q8 q4 int8 q4-acc4 q8-acc4] [--ppl] [--arena]
 
 The quantized bundles are derived from the fp32 one (its graphs through export/quantize.py, as
@@ -10,11 +10,13 @@ onnxruntime). Printed, each against a baseline measured in the same run:
   speed   head forward (batch 1 x 128) per variant vs PyTorch fp32 eager on the same head
           (transformers' modules with the LoRA inputs, no_grad); a training step (head forward +
           head_grad + numpy AdamW) vs PyTorch forward + backward + AdamW on the same LoRA tensors;
-          the q4 step again with head_grad's buffer reuse on; --arena: the device with
+          the q4 step again with head_grad's buffer reuse on; each step again with the forward's
+          activations kept (bundles exported with --keep-activations); --arena: the device with
           onnxruntime's memory arena on (fewer page faults, more memory held)
   memory  peak RSS (VmHWM) of fresh processes, batch 1 x 512: the q4 training step; labels on
           the device (forward, tail, head_grad) with the tail in one run vs chunked; each also
-          with head_grad's buffer reuse on (the runtime before it was turned off there)
+          with head_grad's buffer reuse on (the runtime before it was turned off there), and with
+          the activations kept
   cost    FLOPs and bytes moved of one training step, counted from the graphs (export/cost.py)
   --ppl   perplexity change of each variant's head on Python's LICENSE text (export/fidelity.py)
 
@@ -59,7 +61,7 @@ def derive(fp32: Path, variant: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(fp32, tmp)
     manifest = Manifest.from_json((fp32 / MANIFEST).read_text())
-    for name in ("head.onnx", "head_grad.onnx", "tail.onnx"):
+    for name in ("head.onnx", "head_grad.onnx", "tail.onnx", "head_saved.onnx", "head_grad_kept.onnx"):
         if (fp32 / name).is_file():
             p = tail_preset(preset) if name == "tail.onnx" else preset
             tail = name == "tail.onnx"
@@ -128,12 +130,18 @@ def device_times(bundle_dir: Path, ids: np.ndarray, **runtime_options) -> dict:
     return {"forward_ms": median_ms(lambda: rt.forward(ids, mask, loras)), "train_ms": median_ms(train, REPEAT // 2)}
 
 
+def kept(bundle_dir: Path) -> bool:
+    """Exported with --keep-activations (the step can keep the forward's activations)."""
+    return (bundle_dir / "head_grad_kept.onnx").is_file()
+
+
 # --- memory, each in a fresh process -----------------------------------------------------------
 
 def memory_child(bundle_dir: str, mode: str, seq: int, **runtime_options) -> dict:
     """mode: 'train' (forward + head_grad; labels at the server, so no tail session) or
     'labels-device[-whole]' (forward, tail chunked or in one run, head_grad); '-reuse': head_grad
-    with onnxruntime's buffer reuse on (the runtime's default before it was turned off there)."""
+    with onnxruntime's buffer reuse on (the runtime's default before it was turned off there);
+    '-keep': the forward's activations kept for the backward (--keep-activations)."""
     import dataclasses
 
     from splitlm.edge_client.meter import rss_peak_mb
@@ -144,7 +152,7 @@ def memory_child(bundle_dir: str, mode: str, seq: int, **runtime_options) -> dic
     train = mode.startswith("train")
     if train:
         bundle = Bundle(bundle.path, dataclasses.replace(bundle.manifest, labels="server"))
-    rt = HeadRuntime(bundle, threads=1, grad_mem_reuse=mode.endswith("-reuse"),
+    rt = HeadRuntime(bundle, threads=1, grad_mem_reuse=mode.endswith("-reuse"), keep_activations=mode.endswith("-keep"),
                      **({"tail_chunk": None} if mode.endswith("whole") else {}), **runtime_options)
     ids = np.random.default_rng(0).integers(0, rt.manifest.model.vocab_size, (1, seq), dtype=np.int64)
     mask, loras = np.ones_like(ids), rt.bundle.lora_init()
@@ -199,13 +207,17 @@ def main() -> None:
           f"{'GFLOP/step':>10s} {'MB moved/step':>13s}")
     for v, path in bundles.items():
         r = device_times(path, ids, mem_arena=args.arena)
+        if kept(path):
+            r["train_keep_ms"] = device_times(path, ids, mem_arena=args.arena, keep_activations=True)["train_ms"]
+            r["train_keep_x"] = base["train_ms"] / r["train_keep_ms"]
         cost = step_cost(path, batch=1, seq=SEQ)
         r |= {"forward_x": base["forward_ms"] / r["forward_ms"], "train_x": base["train_ms"] / r["train_ms"],
               "step_gflop": cost.flops / 1e9, "step_mb_moved": cost.bytes_moved / 1e6,
               "step_weight_mb": cost.weight_bytes / 1e6}
         result["device"][v] = r
+        keep = f"   activations kept: train step {r['train_keep_ms']:.1f} ms {r['train_keep_x']:.2f}x" if kept(path) else ""
         print(f"  {v:9s} {r['forward_ms']:6.1f} ms {r['forward_x']:7.2f}x {r['train_ms']:8.1f} ms "
-              f"{r['train_x']:7.2f}x {r['step_gflop']:10.2f} {r['step_mb_moved']:13.0f}")
+              f"{r['train_x']:7.2f}x {r['step_gflop']:10.2f} {r['step_mb_moved']:13.0f}{keep}")
     if "q4" in bundles:  # the same q4 step with head_grad's buffer reuse on, as before
         r = device_times(bundles["q4"], ids, grad_mem_reuse=True, mem_arena=args.arena)
         r |= {"forward_x": base["forward_ms"] / r["forward_ms"], "train_x": base["train_ms"] / r["train_ms"]}
@@ -220,6 +232,7 @@ def main() -> None:
     if not args.skip_memory and "q4" in bundles:
         q4 = bundles["q4"]
         modes = ("train", "train-reuse", "labels-device-whole", "labels-device", "labels-device-reuse")
+        modes += ("train-keep", "labels-device-keep") if kept(q4) else ()
         result["memory"] = {mode: memory(q4, mode) for mode in modes}
         mem = result["memory"]
         print(f"peak RSS, q4, batch 1 x 512, fresh process, after 3 steps: training step {mem['train']['peak_mb']:.0f} MB "
@@ -227,12 +240,20 @@ def main() -> None:
               f"labels on device {mem['labels-device-whole']['peak_mb']:.0f} MB with the tail in one run -> "
               f"{mem['labels-device']['peak_mb']:.0f} MB chunked ({mem['labels-device-reuse']['peak_mb']:.0f} MB with "
               f"head_grad's buffer reuse)")
+        if kept(q4):
+            print(f"  with the forward's activations kept (--keep-activations): training step "
+                  f"{mem['train-keep']['peak_mb']:.0f} MB, labels on device {mem['labels-device-keep']['peak_mb']:.0f} MB")
         from splitlm.edge_client.fit import probe
         from splitlm.edge_client.runtime import TAIL_CHUNK
         predicted = probe(q4, seq=512, chunk=TAIL_CHUNK, threads=1).predict(1, 512, TAIL_CHUNK)
         mem["max_memory_predicted_mb"] = predicted
         print(f"--max-memory's model for that labels-on-device step: {predicted:.0f} MB predicted, "
               f"{mem['labels-device']['peak_mb']:.0f} MB measured")
+        if kept(q4):
+            predicted = probe(q4, seq=512, chunk=TAIL_CHUNK, threads=1, keep_activations=True).predict(1, 512, TAIL_CHUNK)
+            mem["max_memory_predicted_keep_mb"] = predicted
+            print(f"  and with activations kept: {predicted:.0f} MB predicted, "
+                  f"{mem['labels-device-keep']['peak_mb']:.0f} MB measured")
     print(json.dumps(result))
 
 

@@ -21,7 +21,7 @@ The ceilings: PyTorch's head forward over a kernel's time for all the head's wei
 (the speed-up if the embedding, norms, attention, rotary and LoRA cost nothing); for the training
 step, PyTorch's forward + backward + AdamW over 3x that time (head_grad runs the forward again,
 then one input-gradient MatMul per weight of the same size) and over 2x (the forward's
-activations kept instead: the way not built). A goal above its ceiling cannot be met on this CPU
+activations kept instead: `--keep-activations`). A goal above its ceiling cannot be met on this CPU
 with these kernels, whatever the rest of the graph does.
 
 The last line is one JSON object with every number.

@@ -6,6 +6,9 @@ chunk that fit, or a refusal before any connection.
                            each from a reset high-water mark      -> Costs
     choose(costs, ...)     the largest batch (<= --batch-size), then the largest tail chunk, whose
                            predicted peak fits                     -> Fit, or MemoryBudgetError
+    choose_way(...)        a bundle exported with --keep-activations is probed both ways; the
+                           device keeps activations (a step without a second forward) when that
+                           fits a batch as large as the other way does
 
 The model, per batch B x T tokens and tail chunk c, in MB:
 
@@ -171,19 +174,45 @@ def probe(bundle: str | Path, *, seq: int, chunk: int, threads: int, keep_activa
     return Costs(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def choose_way(plain: Costs, kept: Costs | None, *, budget_mb: float, batch: int, seq: int,
+               chunk: int) -> tuple[Fit, bool]:
+    """The fit of the step that runs the forward again in its backward, or of the step that keeps
+    the forward's activations (faster, more memory) when that fits a batch as large: (fit, kept)."""
+    fit = choose(plain, budget_mb=budget_mb, batch=batch, seq=seq, chunk=chunk)
+    if kept is None:
+        return fit, False
+    try:
+        faster = choose(kept, budget_mb=budget_mb, batch=batch, seq=seq, chunk=chunk)
+    except MemoryBudgetError:
+        return fit, False
+    return (faster, True) if faster.batch >= fit.batch else (fit, False)
+
+
 def fit_config(cfg, budget_mb: float, *, log=print):
-    """`cfg` (an EdgeConfig) with the batch size and tail chunk that fit `budget_mb`, or MemoryBudgetError."""
+    """`cfg` (an EdgeConfig) with the batch size and tail chunk that fit `budget_mb`, or
+    MemoryBudgetError; for a bundle exported with --keep-activations, also whether the device keeps
+    the forward's activations (`choose_way`), unless --keep-activations asked for it outright."""
     from splitlm.manifest import Bundle
 
-    from .runtime import TAIL_CHUNK
+    from .runtime import KEPT_GRAPHS, TAIL_CHUNK
 
-    seq = min(cfg.seq_len, Bundle.open(cfg.bundle, verify=False).manifest.max_length)
+    manifest = Bundle.open(cfg.bundle, verify=False).manifest
+    seq = min(cfg.seq_len, manifest.max_length)
     chunk = cfg.tail_chunk or TAIL_CHUNK
-    costs = probe(cfg.bundle, seq=seq, chunk=chunk, threads=cfg.threads, keep_activations=cfg.keep_activations)
-    fit = choose(costs, budget_mb=budget_mb, batch=cfg.batch_size, seq=seq, chunk=chunk)
-    log(f"--max-memory {budget_mb:g} MB: batch {fit.batch} x {seq} tokens, tail chunk {fit.chunk}, "
+
+    def measured(keep: bool) -> Costs:
+        return probe(cfg.bundle, seq=seq, chunk=chunk, threads=cfg.threads, keep_activations=keep)
+    if cfg.keep_activations:
+        costs = measured(True)
+        fit, keep = choose(costs, budget_mb=budget_mb, batch=cfg.batch_size, seq=seq, chunk=chunk), True
+    else:
+        costs = measured(False)
+        kept = measured(True) if all(name in manifest.files for name in KEPT_GRAPHS) else None
+        fit, keep = choose_way(costs, kept, budget_mb=budget_mb, batch=cfg.batch_size, seq=seq, chunk=chunk)
+    way = "activations kept for the backward" if keep else "the forward runs again in the backward"
+    log(f"--max-memory {budget_mb:g} MB: batch {fit.batch} x {seq} tokens, tail chunk {fit.chunk}, {way}, "
         f"predicted peak {fit.predicted_mb:.0f} MB (sessions {costs.sessions_mb:.0f} MB, measured here)")
-    return dataclasses.replace(cfg, batch_size=fit.batch, tail_chunk=fit.chunk)
+    return dataclasses.replace(cfg, batch_size=fit.batch, tail_chunk=fit.chunk, keep_activations=keep)
 
 
 def main() -> None:

@@ -4,13 +4,14 @@ and the backward (head_grad_kept.onnx) reads it instead of running the forward a
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 
 import numpy as np
 import onnx
 import pytest
 
-from splitlm.edge_client.fit import Costs, measure
+from splitlm.edge_client.fit import Costs, MemoryBudgetError, choose_way, measure
 from splitlm.edge_client.optim import AdamW
 from splitlm.edge_client.runtime import HeadRuntime
 from splitlm.edge_client.data import Dataset
@@ -156,3 +157,31 @@ def test_a_device_keeping_activations_trains_as_a_centralized_fine_tune(tiny_lla
     split = [row["loss"] for row in read_metrics(metrics)]
     data = Dataset.from_file(data_dir / "client-0.jsonl", bundle, seq_len=SEQ, batch_size=BATCH, seed=0)
     np.testing.assert_allclose(split, centralized_losses(tiny_llama, bundle, data, steps=steps), rtol=1e-3)
+
+
+PLAIN = Costs(sessions_mb=100.0, a=0.1, b=0.0, tail_per_token=1.0, hidden_size=64, measured="clear_refs")
+KEEPING = Costs(**{**PLAIN.__dict__, "a": 0.12, "kept_a": 0.2})
+
+
+@pytest.mark.parametrize("budget,batch,keep", [(1000, 4, True), (170, 4, False), (150, 3, False), (125, 1, False)])
+def test_the_device_keeps_activations_only_when_that_fits_as_large_a_batch(budget, batch, keep):
+    """Under 170 MB recompute fits batch 4 (159.4 MB predicted, chunk 32) and keeping only batch 1
+    (it needs 236.7 MB for 4): a faster step is not bought with a smaller batch. 1000 MB fits both
+    at batch 4, and keeping wins; 125 MB fits only recompute, at batch 1."""
+    fit, kept = choose_way(PLAIN, KEEPING, budget_mb=budget, batch=4, seq=128, chunk=64)
+    assert (fit.batch, kept) == (batch, keep)
+    assert fit.predicted_mb == pytest.approx((KEEPING if keep else PLAIN).predict(batch, 128, fit.chunk))
+    assert choose_way(PLAIN, None, budget_mb=1000, batch=4, seq=128, chunk=64)[1] is False
+    with pytest.raises(MemoryBudgetError):
+        choose_way(PLAIN, KEEPING, budget_mb=110, batch=4, seq=128, chunk=64)
+
+
+def test_max_memory_probes_both_ways_and_says_which_it_chose(kept_bundles, data_dir):
+    """Nothing listens on port 9: the client stops at its first connection, after the choice."""
+    bundle = kept_bundles["llama"]
+    cmd = edge_cmd("ws://127.0.0.1:9", bundle.path, data_dir / "client-0.jsonl", "--max-memory", "2000",
+                   "--threads", "1", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--reconnect-tries", "0")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "--max-memory 2000 MB: batch 2 x 32 tokens, tail chunk 64, activations kept for the backward" in out.stdout, \
+        out.stdout + out.stderr
+    assert out.returncode == 2 and "nothing ever answered at ws://127.0.0.1:9" in out.stderr
