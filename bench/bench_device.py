@@ -210,12 +210,15 @@ def main() -> None:
         if kept(path):
             r["train_keep_ms"] = device_times(path, ids, mem_arena=args.arena, keep_activations=True)["train_ms"]
             r["train_keep_x"] = base["train_ms"] / r["train_keep_ms"]
+            kept_cost = step_cost(path, batch=1, seq=SEQ, files=("head_saved.onnx", "head_grad_kept.onnx"))
+            r["step_keep_gflop"], r["step_keep_mb_moved"] = kept_cost.flops / 1e9, kept_cost.bytes_moved / 1e6
         cost = step_cost(path, batch=1, seq=SEQ)
         r |= {"forward_x": base["forward_ms"] / r["forward_ms"], "train_x": base["train_ms"] / r["train_ms"],
               "step_gflop": cost.flops / 1e9, "step_mb_moved": cost.bytes_moved / 1e6,
               "step_weight_mb": cost.weight_bytes / 1e6}
         result["device"][v] = r
-        keep = f"   activations kept: train step {r['train_keep_ms']:.1f} ms {r['train_keep_x']:.2f}x" if kept(path) else ""
+        keep = (f"   activations kept: train step {r['train_keep_ms']:.1f} ms {r['train_keep_x']:.2f}x, "
+                f"{r['step_keep_gflop']:.2f} GFLOP, {r['step_keep_mb_moved']:.0f} MB moved") if kept(path) else ""
         print(f"  {v:9s} {r['forward_ms']:6.1f} ms {r['forward_x']:7.2f}x {r['train_ms']:8.1f} ms "
               f"{r['train_x']:7.2f}x {r['step_gflop']:10.2f} {r['step_mb_moved']:13.0f}{keep}")
     if "q4" in bundles:  # the same q4 step with head_grad's buffer reuse on, as before
