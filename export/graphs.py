@@ -109,13 +109,13 @@ class SavedActivations:
         b, t = input_ids.shape[:2]
         self.tokens = [(d.node.expr, d.node.hint) if isinstance(d, torch.SymInt) else None for d in (b, t)]
         self.sizes = {"B": b, "T": t}
-        self.lora_symbols = {s for x in loras for d in x.shape if isinstance(d, torch.SymInt)
-                             for s in d.node.expr.free_symbols}
+        self.lora_symbols = {d.node.expr: d.node.hint for x in loras for d in x.shape
+                             if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
         self.given, self.kept, self.shapes = given, [], []
 
     def _activation(self, x: torch.Tensor) -> bool:
         symbols = {s for d in x.shape if isinstance(d, torch.SymInt) for s in d.node.expr.free_symbols}
-        return bool(symbols - self.lora_symbols)
+        return bool(symbols - self.lora_symbols.keys())
 
     def pack(self, x: torch.Tensor):
         if not self._activation(x):
@@ -147,17 +147,17 @@ class SavedActivations:
     def _factors(self, d) -> list:
         if not isinstance(d, torch.SymInt):
             return [int(d)]
-        expr, rest, out = d.node.expr, int(d.node.hint), []
+        expr, rest, out, product = d.node.expr, int(d.node.hint), [], sympy.Integer(1)
         for (symbol, hint), name in zip(self.tokens, "BT"):
             if symbol in expr.free_symbols:
-                if sympy.degree(expr, symbol) != 1:
-                    raise ExportError(f"a saved activation has a dim {expr}: not batch/seq times a constant")
                 out.append(name)
                 rest //= hint
-        if expr.free_symbols - {s for s, _ in self.tokens} - self.lora_symbols:
-            raise ExportError(f"a saved activation has a dim {expr} that is not the tokens' batch or sequence")
+                product *= symbol
+        # batch^i * seq^j * a constant (a LoRA rank counts as one) and nothing else, e.g. not (seq - 1)
+        if sympy.expand(expr.subs(self.lora_symbols) - rest * product) != 0:
+            raise ExportError(f"a saved activation has a dim {expr}: not the tokens' batch and/or sequence times "
+                              f"a constant, which head_grad_kept could not take as an input")
         return out + ([rest] if rest != 1 else [])
-
 
 
 def saved_examples(layout: list[dict], *, batch: int, seq: int) -> list[torch.Tensor]:
