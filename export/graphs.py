@@ -153,7 +153,7 @@ class SavedActivations:
                 out.append(name)
                 rest //= hint
                 product *= symbol
-        # batch^i * seq^j * a constant (a LoRA rank counts as one) and nothing else, e.g. not (seq - 1)
+        # batch, seq, both or neither, times a constant (a LoRA rank counts as one); not seq - 1 or seq^2
         if sympy.expand(expr.subs(self.lora_symbols) - rest * product) != 0:
             raise ExportError(f"a saved activation has a dim {expr}: not the tokens' batch and/or sequence times "
                               f"a constant, which head_grad_kept could not take as an input")
