@@ -12,7 +12,8 @@
 # (/var/cache/splitlm: the userland, wheels and tiny bundle are cached there), CLIENT_TIMEOUT
 # (1800 s for the emulated client). MODEL and BUNDLE (both or neither): serve MODEL and train
 # BUNDLE (copied into the cache; a split bundle with labels on the device) instead of the tests'
-# tiny Llama, e.g. MODEL=default BUNDLE=/tmp/smol-fp32-dev.q4.
+# tiny Llama, e.g. MODEL=default BUNDLE=/tmp/smol-fp32-dev.q4. EDGE_EXTRA: more `splitlm edge`
+# options for both clients, e.g. EDGE_EXTRA=--keep-activations with a bundle exported with it.
 # Last line: one JSON object (ok, losses, max_loss_diff, peak RSS, step time). Exit status 1 when
 # the losses differ or the cap was hit (an OOM kill in the cgroup, or the client failing).
 set -euo pipefail
@@ -31,7 +32,8 @@ export OMP_NUM_THREADS=1
 CLIENT_TIMEOUT=${CLIENT_TIMEOUT:-1800}
 MODEL=${MODEL:-}
 BUNDLE=${BUNDLE:-}
-EDGE_ARGS=(--steps "$STEPS" --batch-size 2 --seq-len 32 --threads 1 --seed 0)
+read -r -a EDGE_EXTRA <<< "${EDGE_EXTRA:-}"
+EDGE_ARGS=(--steps "$STEPS" --batch-size 2 --seq-len 32 --threads 1 --seed 0 "${EDGE_EXTRA[@]}")
 
 say() { echo "[arm64] $*" >&2; }
 [ "$(id -u)" = 0 ] || { echo "run.sh: needs root (debootstrap, chroot, mount, cgroups)" >&2; exit 2; }
