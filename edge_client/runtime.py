@@ -183,9 +183,10 @@ KEPT_GRAPHS = ("head_saved.onnx", "head_grad_kept.onnx")
 class Kept:
     """One forward's inputs and the activations its backward reads (export/graphs.py's head_saved).
 
-    SmolLM2 cut at 2 keeps 27 tensors, 8.9 MB at batch 1 x 128 and 49.9 MB at 1 x 512 (the
-    attention probabilities grow with T^2), held from the forward until the server's gradient
-    comes back; the backward then runs without the forward (bench/bench_device.py)."""
+    SmolLM2 cut at 2 keeps 7.3 MB at batch 1 x 128 and 30.1 MB at 1 x 512 (the attention mask
+    grows with T^2; the probabilities are computed again, export/attention.py), held from the
+    forward until the server's gradient comes back; the backward then runs without the forward
+    (bench/bench_device.py)."""
 
     inputs: dict[str, np.ndarray]  # input_ids, attention_mask and the LoRA tensors, as fed
     saved: dict[str, np.ndarray]

@@ -34,6 +34,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from splitlm.errors import ExportError
 
 from .arch import Arch
+from .attention import recomputing_attention
 from .lora import LoRAInputs
 
 IGNORE_INDEX = -100
@@ -67,10 +68,12 @@ class ClientGraphs:
     def head_saved(self, input_ids, attention_mask, *loras):
         """The head, and every activation its backward reads (autograd's saved tensors), each
         reshaped to dims that are the batch, the sequence or constants. Traced only (see
-        `SavedActivations`); `self.saved_layout` is set from the trace."""
+        `SavedActivations`); `self.saved_layout` is set from the trace. Attention keeps q, k, v
+        and the mask, not its probabilities (export/attention.py)."""
         loras = [t.detach().requires_grad_(True) for t in loras]
         saved = SavedActivations(input_ids, loras)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
+                recomputing_attention(self.arch.model):
             h = self.head(input_ids, attention_mask, *loras)
         outputs, self.saved_layout = saved.outputs()
         return (h.detach(), *outputs)
@@ -81,7 +84,8 @@ class ClientGraphs:
         n = len(self.lora.names)
         loras = [t.detach().requires_grad_(True) for t in loras_and_saved[:n]]
         saved = SavedActivations(input_ids, loras, given=loras_and_saved[n:])
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
+                recomputing_attention(self.arch.model):
             h = self.head(input_ids, attention_mask, *loras)
             return tuple(torch.autograd.grad(h, loras, grad_hidden))
 
