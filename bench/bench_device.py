@@ -61,11 +61,10 @@ def derive(fp32: Path, variant: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(fp32, tmp)
     manifest = Manifest.from_json((fp32 / MANIFEST).read_text())
-    for name in ("head.onnx", "head_grad.onnx", "tail.onnx", "head_saved.onnx", "head_grad_kept.onnx"):
-        if (fp32 / name).is_file():
-            p = tail_preset(preset) if name == "tail.onnx" else preset
-            tail = name == "tail.onnx"
-            quantize_graph(fp32 / name, tmp / name, preset=p, accuracy_level=TAIL_ACCURACY_LEVEL if tail else level)
+    for name in (n for n in manifest.files if n.endswith(".onnx")):  # the bundle's graphs, as its manifest lists them
+        tail = name == "tail.onnx"
+        quantize_graph(fp32 / name, tmp / name, preset=tail_preset(preset) if tail else preset,
+                       accuracy_level=TAIL_ACCURACY_LEVEL if tail else level)
     files = {n: sha256_file(tmp / n) for n in manifest.files}
     import dataclasses
     (tmp / MANIFEST).write_text(dataclasses.replace(manifest, quant=preset, files=files).to_json())
@@ -132,7 +131,10 @@ def device_times(bundle_dir: Path, ids: np.ndarray, **runtime_options) -> dict:
 
 def kept(bundle_dir: Path) -> bool:
     """Exported with --keep-activations (the step can keep the forward's activations)."""
-    return (bundle_dir / "head_grad_kept.onnx").is_file()
+    from splitlm.edge_client.runtime import missing_kept_graphs
+    from splitlm.manifest import Bundle
+
+    return not missing_kept_graphs(Bundle.open(bundle_dir, verify=False).manifest)
 
 
 # --- memory, each in a fresh process -----------------------------------------------------------

@@ -33,15 +33,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
+
+from bench_device import median_ms, torch_times  # noqa: E402  the timing loop; PyTorch's whole head, the baseline
 
 M = 128  # rows: batch 1 x 128 tokens, as bench_device.py
 REPEAT = 30
@@ -68,19 +69,18 @@ def cpu() -> dict:
 
 
 def head_weights(head: Path) -> list[tuple[str, np.ndarray]]:
-    """(name, (K, N) float32) of every MatMul in `head` whose B is a 2-D float initializer, in
-    graph order (a weight used twice is timed twice, as the graph runs it)."""
+    """(node name, (K, N) float32) of every MatMul in `head` whose B is a 2-D float initializer
+    (the quantizer's own `weight_nodes`), in graph order: a weight used twice is timed twice, as
+    the graph runs it."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(head)
-    inits = {t.name: t for t in model.graph.initializer}
-    out = []
-    for node in model.graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
-            out.append((node.name or w.name, numpy_helper.to_array(w)))
-    return out
+    from splitlm.export.quantize import weight_nodes
+
+    graph = onnx.load(head).graph
+    inits = {t.name: t for t in graph.initializer}
+    names = set(weight_nodes(graph, "MatMul"))
+    return [(n.name, numpy_helper.to_array(inits[n.input[1]])) for n in graph.node if n.name in names]
 
 
 def one_matmul(weight: np.ndarray, path: Path) -> None:
@@ -96,17 +96,6 @@ def one_matmul(weight: np.ndarray, path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
 
 
-def median_ms(fn) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(REPEAT):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def ort_ms(path: Path, x: np.ndarray) -> float:
     import onnxruntime as ort
 
@@ -114,7 +103,7 @@ def ort_ms(path: Path, x: np.ndarray) -> float:
     options.intra_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return median_ms(lambda: session.run(None, {"x": x}))
+    return median_ms(lambda: session.run(None, {"x": x}), REPEAT)
 
 
 def torch_ms(weight: np.ndarray, x: np.ndarray) -> float:
@@ -123,7 +112,7 @@ def torch_ms(weight: np.ndarray, x: np.ndarray) -> float:
     w = torch.from_numpy(np.ascontiguousarray(weight.T))  # nn.Linear's (out, in)
     xt = torch.from_numpy(x)
     with torch.no_grad():
-        return median_ms(lambda: torch.nn.functional.linear(xt, w))
+        return median_ms(lambda: torch.nn.functional.linear(xt, w), REPEAT)
 
 
 def kernel_times(head: Path) -> list[dict]:
@@ -158,10 +147,8 @@ def main() -> None:
     ap.add_argument("fp32", type=Path, help="an fp32 bundle (its head.onnx's weights are timed)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
     import torch
 
-    from bench_device import torch_times  # PyTorch's whole head, the goals' baseline
 
     torch.set_num_threads(1)
     ids = np.random.default_rng(0).integers(0, 49152, (1, M), dtype=np.int64)

@@ -194,7 +194,7 @@ def fit_config(cfg, budget_mb: float, *, log=print):
     the forward's activations (`choose_way`), unless --keep-activations asked for it outright."""
     from splitlm.manifest import Bundle
 
-    from .runtime import KEPT_GRAPHS, TAIL_CHUNK
+    from .runtime import TAIL_CHUNK, missing_kept_graphs
 
     manifest = Bundle.open(cfg.bundle, verify=False).manifest
     seq = min(cfg.seq_len, manifest.max_length)
@@ -207,7 +207,7 @@ def fit_config(cfg, budget_mb: float, *, log=print):
         fit, keep = choose(costs, budget_mb=budget_mb, batch=cfg.batch_size, seq=seq, chunk=chunk), True
     else:
         costs = measured(False)
-        kept = measured(True) if all(name in manifest.files for name in KEPT_GRAPHS) else None
+        kept = None if missing_kept_graphs(manifest) else measured(True)
         fit, keep = choose_way(costs, kept, budget_mb=budget_mb, batch=cfg.batch_size, seq=seq, chunk=chunk)
     way = "activations kept for the backward" if keep else "the forward runs again in the backward"
     log(f"--max-memory {budget_mb:g} MB: batch {fit.batch} x {seq} tokens, tail chunk {fit.chunk}, {way}, "

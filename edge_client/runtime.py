@@ -79,7 +79,7 @@ class HeadRuntime:
         self.grad_mem_reuse = grad_mem_reuse or mem_arena
         self.kept: Kept | None = None  # keep_activations: the last forward's, until its lora_grads
         if keep_activations:
-            missing = [n for n in KEPT_GRAPHS if n not in self.manifest.files]
+            missing = missing_kept_graphs(self.manifest)
             if missing:
                 raise BundleMismatch(f"bundle {self.bundle.path} has no {' or '.join(missing)}: export it with "
                                      f"--keep-activations to keep activations on the device")
@@ -177,6 +177,12 @@ class HeadRuntime:
 
 
 KEPT_GRAPHS = ("head_saved.onnx", "head_grad_kept.onnx")
+
+
+def missing_kept_graphs(manifest) -> list[str]:
+    """Which of the graphs a device needs to keep activations this bundle lacks (none: it was
+    exported with --keep-activations)."""
+    return [name for name in KEPT_GRAPHS if name not in manifest.files]
 
 
 @dataclass

@@ -50,7 +50,7 @@ class RecomputedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scaling: float, groups: int):
-        ctx.scaling, ctx.groups, ctx.has_mask = scaling, groups, mask is not None
+        ctx.scaling, ctx.groups = scaling, groups
         ctx.save_for_backward(q, k, v, *([mask] if mask is not None else []))
         p = probabilities(q, repeat_heads(k, groups), mask, scaling)
         return torch.matmul(p, repeat_heads(v, groups))  # (B, heads, T, D)

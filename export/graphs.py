@@ -245,10 +245,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: t
 def trace_to_onnx(fn: Callable, args: tuple, *, input_names: list[str], output_names: list[str],
                   n_dynamic: int, max_seq: int, path: Path, min_seq: int = 2) -> None:
     """make_fx -> torch.export -> ONNX. The first `n_dynamic` args have dims (batch, seq, ...)."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    seq = torch.export.Dim("seq", min=min_seq, max=max_seq)
+    batch, seq = token_dims(max_seq, min_seq)
     dynamic = tuple({0: batch, 1: seq} if i < n_dynamic else None for i in range(len(args)))
     trace_with_shapes(fn, args, dynamic, input_names=input_names, output_names=output_names, path=path)
+
+
+def token_dims(max_seq: int, min_seq: int = 2) -> tuple:
+    """torch.export's dynamic batch and sequence dims."""
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("seq", min=min_seq, max=max_seq)
 
 
 def trace_with_shapes(fn: Callable, args: tuple, dynamic: tuple, *, input_names: list[str],
@@ -447,8 +451,7 @@ def export_kept_graphs(graphs: ClientGraphs, out: Path, *, ids, mask, hidden, lo
     """head_saved.onnx and head_grad_kept.onnx: the training step's forward keeps what its backward
     reads, so the backward does not run the forward again (more memory held between the two)."""
     names = graphs.lora.names
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    seq = torch.export.Dim("seq", min=2, max=max_seq)
+    batch, seq = token_dims(max_seq)
     tokens = ({0: batch, 1: seq}, {0: batch, 1: seq})
     graphs.saved_layout = None
 
@@ -477,6 +480,8 @@ def merge_duplicate_saved(saved_path: Path, grad_path: Path, layout: list[dict])
     38 of them four (1, 9, 512, 512) tensors, two of which were copies. Returns the dropped names."""
     import onnx
 
+    from .quantize import replace_repeated
+
     saved, grad = onnx.load(str(saved_path)), onnx.load(str(grad_path))
     producer = {o: n for n in saved.graph.node for o in n.output}
 
@@ -496,31 +501,25 @@ def merge_duplicate_saved(saved_path: Path, grad_path: Path, layout: list[dict])
             first[key] = out.name
     if not same:
         return []
-    _replace_repeated(saved.graph.output, [o for o in saved.graph.output if o.name not in same])
+    replace_repeated(saved.graph.output, [o for o in saved.graph.output if o.name not in same])
     _drop_dead_nodes(saved.graph)
     for node in grad.graph.node:
         for j, name in enumerate(node.input):
             if name in same:
                 node.input[j] = same[name]
-    _replace_repeated(grad.graph.input, [i for i in grad.graph.input if i.name not in same])
+    replace_repeated(grad.graph.input, [i for i in grad.graph.input if i.name not in same])
     onnx.save(saved, str(saved_path))
     onnx.save(grad, str(grad_path))
     return sorted(same)
 
 
-def _replace_repeated(field, items: list) -> None:
-    kept = [type(x)() for x in items]
-    for new, old in zip(kept, items):
-        new.CopyFrom(old)
-    del field[:]
-    field.extend(kept)
-
-
 def _drop_dead_nodes(graph) -> None:
+    from .quantize import replace_repeated
+
     needed = {o.name for o in graph.output}
     alive = []
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             alive.append(node)
             needed.update(node.input)
-    _replace_repeated(graph.node, alive[::-1])
+    replace_repeated(graph.node, alive[::-1])

@@ -107,7 +107,7 @@ def fold_constant_views(graph: onnx.GraphProto) -> None:
         folded = numpy_helper.from_array(np.ascontiguousarray(array), node.output[0])
         graph.initializer.append(folded)
         inits[folded.name] = folded
-    _replace(graph.node, kept)
+    replace_repeated(graph.node, kept)
 
 
 def _folded(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
@@ -141,7 +141,7 @@ def split_gemms(graph: onnx.GraphProto) -> None:
             array = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[1]]).T)
             graph.initializer.append(numpy_helper.from_array(array, weight))
         nodes.extend(_matmul_plus_bias(node, weight))
-    _replace(graph.node, nodes)
+    replace_repeated(graph.node, nodes)
 
 
 def _is_plain_weight_gemm(node: onnx.NodeProto, inits: dict) -> bool:
@@ -253,7 +253,7 @@ def set_accuracy_level(graph: onnx.GraphProto, level: int) -> None:
     for node in graph.node:
         if node.op_type == "MatMulNBits":
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            _replace(node.attribute, [*kept, helper.make_attribute("accuracy_level", level)])
+            replace_repeated(node.attribute, [*kept, helper.make_attribute("accuracy_level", level)])
 
 
 def integer_zero_points(graph: onnx.GraphProto) -> None:
@@ -299,7 +299,7 @@ def integer_zero_points(graph: onnx.GraphProto) -> None:
                   helper.make_node("Shape", [node.output[0]], [f"{y}_shape"], name=f"{node.name}_shape"),
                   helper.make_node("Reshape", [f"{corr}_rows", f"{y}_shape"], [corr], name=f"{node.name}_zp_reshape"),
                   helper.make_node("Add", [node.output[0], corr], [y], name=f"{node.name}_zp_add")]
-    _replace(graph.node, nodes)
+    replace_repeated(graph.node, nodes)
 
 
 def _block_sums(graph: onnx.GraphProto, nodes: list, x: str, blocks: int, block: int, name: str) -> str:
@@ -377,7 +377,7 @@ def quantize_gathers(graph: onnx.GraphProto, *, bits: int) -> None:
                 graph.initializer.append(tensor)
         float16 = inits[f"{node.input[0]}_scales_Q{bits}"].data_type == onnx.TensorProto.FLOAT16
         nodes.extend(_gather_block_quantized(node, bits, float16))
-    _replace(graph.node, nodes)
+    replace_repeated(graph.node, nodes)
 
 
 def _8bit_table(table: onnx.TensorProto) -> list[onnx.TensorProto]:
@@ -483,10 +483,10 @@ def pack_uint4(values: np.ndarray) -> bytes:
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    _replace(graph.initializer, [t for t in graph.initializer if t.name in used])
+    replace_repeated(graph.initializer, [t for t in graph.initializer if t.name in used])
 
 
-def _replace(field, items: list) -> None:
+def replace_repeated(field, items: list) -> None:
     """Set a repeated proto field (graph.node, graph.initializer) to `items`, which may be its own."""
     items = [type(x).FromString(x.SerializeToString()) for x in items]  # detached before clearing
     del field[:]

@@ -184,9 +184,10 @@ def test_each_mode_trains_against_the_same_server_binary_with_a_torch_blocked_de
 def test_the_link_answers_pings_while_the_device_trains_a_long_round(fed, tiny_llama, tmp_path):
     """The server drops a device that answers no ping for 0.6 s; a round of 800 local steps takes
     seconds (400 took 1.73 s of compute once the exporter's Pow became multiplications: too close
-    to the 1.8 s this test needs to show anything). The device trains in a worker thread, so its link keeps answering. Computing on the
-    event loop (as fedavg did until this test), it lost its link every round and trained the round
-    again, 24 times here; SmolLM2 distill rounds missed the default 60 s the same way."""
+    to the 1.8 s this test needs to show anything). The device trains in a worker thread, so its
+    link keeps answering. Computing on the event loop (as fedavg did until this test), it lost its
+    link every round and trained the round again, 24 times here; SmolLM2 distill rounds missed the
+    default 60 s the same way."""
     root, bundles = fed
     server = ServerProcess(str(tiny_llama), "--mode", "fedavg", "--lora-rank", str(RANK), "--rounds", "1",
                            "--local-steps", "800", "--min-clients", "1", "--ping-timeout", "0.6",
